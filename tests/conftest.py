@@ -83,6 +83,7 @@ def _save_tiny(model_type: str, out: Path) -> Path:
         cfg = DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
                                max_position_embeddings=512, initializer_range=0.2, dropout=0.0, attention_dropout=0.0)
         model = DistilBertModel(cfg)
+        tok.model_input_names = ["input_ids", "attention_mask"]  # as distilbert-base-uncased's tokenizer
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
@@ -131,3 +132,12 @@ def trained_run(tiny_bert: Path, toy_data: Path, tmp_path_factory: pytest.TempPa
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run: Path, toy_data: Path) -> Path:
+    """The ONNX dir of `trained_run`, with the accuracy gate run on the toy test file."""
+    from export.to_onnx import main
+
+    assert main(["--run", str(trained_run), "--eval-file", str(toy_data / "test.jsonl")]) == 0
+    return trained_run / "onnx"

@@ -285,7 +285,13 @@ def train(cfg: Config, mixed_precision: str) -> int:
     metrics_path = run_dir / "metrics.jsonl"
 
     set_seed(cfg.train.seed)
-    say(f"mixed precision: {mixed_precision}; processes: {accelerator.num_processes}; device: {accelerator.device}")
+    if accelerator.device.type == "cpu":
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+        torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // local))
+    say(
+        f"mixed precision: {mixed_precision}; processes: {accelerator.num_processes}; device: {accelerator.device}; "
+        f"threads: {torch.get_num_threads()}"
+    )
 
     # --- data: the main process reads and tokenizes first so caches and errors surface once.
     model_path = resolve_model_path(cfg.model.name_or_path)

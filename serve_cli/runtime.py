@@ -1,0 +1,109 @@
+"""Torch-free inference on an exported ONNX dir: onnxruntime + tokenizers + numpy only.
+
+    from serve_cli.runtime import OnnxClassifier
+    clf = OnnxClassifier("runs/agnews_minilm/onnx", variant="int8", threads=2)
+    probs = clf.predict_proba(["Stocks rally as oil falls", "Late goal wins the cup"])
+
+The dir is what `python -m export.to_onnx` writes: model.onnx (fp32), model_quantized.onnx (int8),
+tokenizer.json, config.json with id2label, export_report.json (variants, default, max_length).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPORT = "export_report.json"
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_quantized.onnx"}
+
+
+class ModelDirError(ValueError):
+    """The model dir is missing or is not an ONNX export."""
+
+
+def read_model_dir(model_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json, export_report.json or {}) of an ONNX dir, with clear errors for the wrong kind of dir."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ModelDirError(f"{d}: model dir not found")
+    if not (d / "config.json").is_file() or not any((d / f).is_file() for f in VARIANT_FILES.values()):
+        raise ModelDirError(f"{d}: not an ONNX export (needs config.json and model.onnx); create one with python -m export.to_onnx")
+    if not (d / "tokenizer.json").is_file():
+        raise ModelDirError(f"{d}: tokenizer.json missing; re-export with python -m export.to_onnx")
+    config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    if not config.get("id2label"):
+        raise ModelDirError(f"{d}/config.json: no id2label label map")
+    report = json.loads((d / REPORT).read_text(encoding="utf-8")) if (d / REPORT).is_file() else {}
+    return config, report
+
+
+class OnnxClassifier:
+    """A text classifier over one ONNX variant of an export dir."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        variant: str | None = None,
+        threads: int | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.model_dir = Path(model_dir)
+        config, report = read_model_dir(self.model_dir)
+        self.labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        self.report = report
+        self.variant = variant or report.get("default_variant") or ("int8" if (self.model_dir / VARIANT_FILES["int8"]).is_file() else "fp32")
+        if self.variant not in VARIANT_FILES:
+            raise ModelDirError(f"variant {self.variant!r}: expected one of {', '.join(VARIANT_FILES)}")
+        self.path = self.model_dir / VARIANT_FILES[self.variant]
+        if not self.path.is_file():
+            raise ModelDirError(f"{self.path}: variant {self.variant} not in this export")
+        self.max_length = max_length or int(report.get("max_length") or 512)
+
+        tok_cfg_path = self.model_dir / "tokenizer_config.json"
+        tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8")) if tok_cfg_path.is_file() else {}
+        self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        pad_token = tok_cfg.get("pad_token") or "[PAD]"
+        if isinstance(pad_token, dict):
+            pad_token = pad_token.get("content", "[PAD]")
+        pad_id = self.tokenizer.token_to_id(pad_token)
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        # Pad to the longest row of each batch, never to max_length: most rows are short.
+        self.tokenizer.enable_padding(pad_id=pad_id if pad_id is not None else 0, pad_token=pad_token)
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        encs = self.tokenizer.encode_batch(texts)
+        feed: dict[str, np.ndarray] = {"input_ids": np.array([e.ids for e in encs], dtype=np.int64)}
+        if "attention_mask" in self.input_names:
+            feed["attention_mask"] = np.array([e.attention_mask for e in encs], dtype=np.int64)
+        if "token_type_ids" in self.input_names:
+            feed["token_type_ids"] = np.array([e.type_ids for e in encs], dtype=np.int64)
+        return self.session.run(None, feed)[0]
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        return softmax(self.logits(texts))
+
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        return [sum(e.attention_mask) for e in self.tokenizer.encode_batch(texts)]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
