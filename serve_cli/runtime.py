@@ -73,9 +73,9 @@ class OnnxClassifier:
         if isinstance(pad_token, dict):
             pad_token = pad_token.get("content", "[PAD]")
         pad_id = self.tokenizer.token_to_id(pad_token)
+        self.pad_id = pad_id if pad_id is not None else 0
         self.tokenizer.enable_truncation(max_length=self.max_length)
-        # Pad to the longest row of each batch, never to max_length: most rows are short.
-        self.tokenizer.enable_padding(pad_id=pad_id if pad_id is not None else 0, pad_token=pad_token)
+        self.tokenizer.no_padding()  # batches are padded to their own longest row in `run`
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -85,22 +85,31 @@ class OnnxClassifier:
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def logits(self, texts: list[str]) -> np.ndarray:
-        if not texts:
+    def encode(self, texts: list[str]) -> list[Any]:
+        """Token encodings, truncated, unpadded: callers sort them by length before batching."""
+        return self.tokenizer.encode_batch(texts)
+
+    def run(self, encodings: list[Any]) -> np.ndarray:
+        """Logits for one batch of encodings, padded to the batch's longest row."""
+        if not encodings:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        encs = self.tokenizer.encode_batch(texts)
-        feed: dict[str, np.ndarray] = {"input_ids": np.array([e.ids for e in encs], dtype=np.int64)}
-        if "attention_mask" in self.input_names:
-            feed["attention_mask"] = np.array([e.attention_mask for e in encs], dtype=np.int64)
-        if "token_type_ids" in self.input_names:
-            feed["token_type_ids"] = np.array([e.type_ids for e in encs], dtype=np.int64)
-        return self.session.run(None, feed)[0]
+        width = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        types = np.zeros((len(encodings), width), dtype=np.int64)
+        for j, e in enumerate(encodings):
+            n = len(e.ids)
+            ids[j, :n] = e.ids
+            mask[j, :n] = 1
+            types[j, :n] = e.type_ids
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return self.session.run(None, {k: v for k, v in feed.items() if k in self.input_names})[0]
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        return self.run(self.encode(texts))
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         return softmax(self.logits(texts))
-
-    def token_lengths(self, texts: list[str]) -> list[int]:
-        return [sum(e.attention_mask) for e in self.tokenizer.encode_batch(texts)]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

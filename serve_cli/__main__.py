@@ -1,0 +1,379 @@
+"""serve_cli: fast, torch-free prediction and evaluation on files with an exported ONNX model.
+
+    serve_cli predict --model runs/agnews_minilm/onnx --input texts.jsonl --output preds.jsonl
+    cat texts.txt | serve_cli predict --model runs/agnews_minilm/onnx --input - --format txt
+    serve_cli eval --model runs/agnews_minilm/onnx --input test.jsonl --report-dir eval_report \\
+        --compare runs/agnews_minilm/onnx@fp32
+    serve_cli info --model runs/agnews_minilm/onnx
+
+Only onnxruntime, tokenizers and numpy are imported on the predict/eval path (matplotlib for the plot,
+`evaluate` only for --metric). Rows are batched by length inside a bounded window and written back in
+input order; every input row gets an output row or a reported error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serve_cli.io import FORMATS, AtomicOutput, InputError, Row, RowError, read_rows
+from serve_cli.runtime import VARIANT_FILES, ModelDirError, OnnxClassifier, read_model_dir, softmax
+
+
+class RowFailure(ValueError):
+    """A bad row under --on-error fail."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="serve_cli", description="Predict and evaluate with an exported ONNX text classifier.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", required=True, help="ONNX dir written by python -m export.to_onnx")
+        sp.add_argument("--input", required=True, help="input file, or - for stdin")
+        sp.add_argument("--format", choices=FORMATS, default="auto", help="input format (auto: by extension)")
+        sp.add_argument("--text-field", default="text", help="field/column holding the text")
+        sp.add_argument("--variant", choices=sorted(VARIANT_FILES), help="model variant (default: the export's default)")
+        sp.add_argument("--batch-size", type=int, default=32)
+        sp.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores)")
+        sp.add_argument("--max-length", type=int, default=0, help="truncate to N tokens (0 = the training max_length)")
+        sp.add_argument("--on-error", choices=("fail", "skip", "record"), default="fail",
+                        help="bad rows: stop (default), skip with a message, or record in an errors file")
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        sp.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
+
+    pr = sub.add_parser("predict", help="predict labels for every row of a file")
+    common(pr)
+    pr.add_argument("--output", default="-", help="output file (JSONL or CSV by extension), or - for stdout")
+    pr.add_argument("--output-format", choices=("auto", "jsonl", "csv"), default="auto")
+    pr.add_argument("--id-field", help="field/column used as the row id (default: the line number)")
+    pr.add_argument("--top-k", type=int, default=3, help="labels with probabilities per row")
+    pr.add_argument("--errors-file", help="with --on-error record: where bad rows go (default: OUTPUT.errors.jsonl)")
+
+    ev = sub.add_parser("eval", help="accuracy, F1, per-class report and confusion matrix on a labeled file")
+    common(ev)
+    ev.add_argument("--label-field", default="label")
+    ev.add_argument("--report-dir", default="eval_report", help="where the report files go")
+    ev.add_argument("--compare", nargs="+", default=[], metavar="DIR[@VARIANT]",
+                    help="more models or variants to evaluate side by side, e.g. runs/x/onnx@fp32")
+    ev.add_argument("--metric", action="append", default=[], metavar="NAME_OR_PATH",
+                    help="extra metric from the `evaluate` library (hub name, or path of a local metric script)")
+    ev.add_argument("--unknown-labels", choices=("error", "count"), default="error",
+                    help="a label the model does not know: stop with an error, or count it and leave the row out")
+
+    inf = sub.add_parser("info", help="labels, variants and export report summary of an ONNX dir")
+    inf.add_argument("--model", required=True)
+    return p.parse_args(argv)
+
+
+class Progress:
+    """rows and rows/s on stderr, only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.last = 0.0
+
+    def update(self, rows: int) -> None:
+        now = time.perf_counter()
+        if self.enabled and now - self.last > 0.25:
+            self.last = now
+            sys.stderr.write(f"\r{rows} rows  {rows / max(now - self.start, 1e-9):.0f} rows/s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+
+
+def predict_in_order(clf: OnnxClassifier, items: Iterable[Row | RowError], batch_size: int, window: int) -> Iterator[tuple[Row | RowError, np.ndarray | None]]:
+    """(item, probabilities) in input order; inside each window rows are run in length order (less padding)."""
+    # A 1 MB line would cost seconds to tokenize only to be truncated: cap characters well above what
+    # max_length tokens can span.
+    char_cap = clf.max_length * 64
+    buf: list[Row | RowError] = []
+
+    def flush() -> Iterator[tuple[Row | RowError, np.ndarray | None]]:
+        rows = [i for i, it in enumerate(buf) if isinstance(it, Row)]
+        encs = clf.encode([buf[i].text[:char_cap] for i in rows])  # type: ignore[union-attr]
+        order = sorted(range(len(rows)), key=lambda k: len(encs[k].ids))
+        probs: list[np.ndarray | None] = [None] * len(buf)
+        for b in range(0, len(order), batch_size):
+            ks = order[b : b + batch_size]
+            for k, p in zip(ks, softmax(clf.run([encs[k] for k in ks])), strict=True):
+                probs[rows[k]] = p
+        yield from zip(buf, probs, strict=True)
+
+    for item in items:
+        buf.append(item)
+        if len(buf) >= window:
+            yield from flush()
+            buf = []
+    if buf:
+        yield from flush()
+
+
+def fail_fast(items: Iterable[Row | RowError], path: str, on_error: str) -> Iterator[Row | RowError]:
+    for it in items:
+        if isinstance(it, RowError) and on_error == "fail":
+            raise RowFailure(f"{path}:{it.line}: {it.message} (use --on-error skip or record to go on past bad rows)")
+        yield it
+
+
+def top_k(probs: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:
+    idx = np.argsort(-probs)[:k]
+    return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in idx]
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    clf = OnnxClassifier(args.model, variant=args.variant, threads=args.threads or None, max_length=args.max_length or None)
+    k = max(1, min(args.top_k, len(clf.labels)))
+    out_fmt = args.output_format
+    if out_fmt == "auto":
+        out_fmt = "csv" if args.output != "-" and args.output.lower().endswith((".csv", ".tsv")) else "jsonl"
+    errors_path = None
+    if args.on_error == "record":
+        errors_path = args.errors_file or (f"{args.output}.errors.jsonl" if args.output != "-" else "-")
+    # Check both outputs before reading a row: a refused overwrite must cost nothing.
+    out = AtomicOutput(args.output, args.overwrite)
+    err_out = None
+    try:
+        err_out = AtomicOutput(errors_path, args.overwrite) if errors_path and errors_path != "-" else None
+        _, rows = read_rows(args.input, args.format, args.text_field, args.id_field)
+        writer = None
+        if out_fmt == "csv":
+            import csv
+
+            writer = csv.writer(out.f)
+            writer.writerow(["id", "label", "score"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "score")])
+        n_ok = n_err = 0
+        progress = Progress(not args.quiet)
+        for item, probs in predict_in_order(clf, fail_fast(rows, args.input, args.on_error), args.batch_size, args.batch_size * 32):
+            if isinstance(item, RowError):
+                n_err += 1
+                record = {"line": item.line, "error": item.message}
+                if err_out is not None:
+                    err_out.f.write(json.dumps(record) + "\n")
+                elif not args.quiet or args.on_error == "record":
+                    print(f"{args.input}:{item.line}: {item.message}", file=sys.stderr)
+                continue
+            assert probs is not None
+            best = top_k(probs, clf.labels, k)
+            if writer is not None:
+                writer.writerow([item.id, best[0]["label"], best[0]["score"]] + [v for t in best for v in (t["label"], t["score"])])
+            else:
+                out.f.write(json.dumps({"id": item.id, "label": best[0]["label"], "score": best[0]["score"], "top_k": best}, ensure_ascii=False) + "\n")
+            n_ok += 1
+            progress.update(n_ok + n_err)
+        progress.close()
+        out.commit()
+        if err_out is not None:
+            err_out.commit()
+    except BaseException:
+        out.discard()
+        if err_out is not None:
+            err_out.discard()
+        raise
+    elapsed = time.perf_counter() - start
+    if not args.quiet:
+        print(f"rows: {n_ok + n_err} in, {n_ok} predicted, {n_err} errors; {elapsed:.2f}s, "
+              f"{(n_ok + n_err) / elapsed:.0f} rows/s ({clf.variant})", file=sys.stderr)
+    return 0
+
+
+def parse_model_spec(spec: str) -> tuple[str, str | None]:
+    """'DIR' or 'DIR@int8'."""
+    if "@" in spec:
+        path, _, variant = spec.rpartition("@")
+        if variant in VARIANT_FILES:
+            return path, variant
+    return spec, None
+
+
+def evaluate_model(clf: OnnxClassifier, texts: list[str], y: np.ndarray, batch_size: int) -> dict[str, Any]:
+    from serve_cli.metrics import classification_report
+
+    t0 = time.perf_counter()
+    probs = np.stack([p for _, p in predict_in_order(clf, (Row(i, i, t) for i, t in enumerate(texts)), batch_size, batch_size * 32)])  # type: ignore[misc]
+    seconds = time.perf_counter() - t0
+    report = classification_report(y, probs.argmax(-1), clf.labels)
+    report.update({
+        "model": str(clf.model_dir), "variant": clf.variant, "file": clf.path.name, "bytes": clf.path.stat().st_size,
+        "seconds": seconds, "rows_per_second": len(texts) / seconds if seconds else None,
+    })
+    return {"report": report, "probs": probs}
+
+
+def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    top = cm.max() if cm.size else 0
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown_report(main_report: dict[str, Any], rows: list[dict[str, Any]], extra: dict[str, Any], input_path: str, unknown: int) -> str:
+    lines = [f"# Evaluation of {main_report['model']} ({main_report['variant']})", "", f"Input: `{input_path}`, {main_report['rows']} rows"
+             + (f"; {unknown} rows with labels the model does not know were left out" if unknown else "") + ".", ""]
+    lines += ["| model | variant | accuracy | weighted F1 | macro F1 | rows/s | size (MB) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['variant']} | {r['accuracy']:.4f} | {r['f1_weighted']:.4f} | {r['f1_macro']:.4f} | "
+                     f"{r['rows_per_second']:.0f} | {r['bytes'] / 1e6:.1f} |")
+    lines += ["", "## Per class", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for name, c in main_report["per_class"].items():
+        lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
+    labels = main_report["labels"]
+    lines += ["", "## Confusion matrix (rows: true, columns: predicted)", "", "![confusion matrix](confusion_matrix.png)", "",
+              "| true \\ pred | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for name, row in zip(labels, main_report["confusion_matrix"], strict=True):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    if extra:
+        lines += ["", "## Extra metrics (evaluate)", ""] + [f"- {k}: {json.dumps(v)}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def load_metric(name: str) -> Any:
+    try:
+        import evaluate
+
+        return evaluate.load(name)
+    except Exception as e:
+        raise InputError(f"metric {name!r} cannot be loaded ({type(e).__name__}: {e}); give a hub name with a reachable hub "
+                         "or the path of a local metric script") from e
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    report_dir = Path(args.report_dir)
+    if report_dir.exists() and not args.overwrite:
+        raise InputError(f"{report_dir}: report dir exists; pass --overwrite to replace it")
+    specs = [(args.model, args.variant)] + [parse_model_spec(s) for s in args.compare]
+    models = [OnnxClassifier(path, variant=v, threads=args.threads or None, max_length=args.max_length or None) for path, v in specs]
+    metrics = [(name, load_metric(name)) for name in args.metric]
+    labels = models[0].labels
+    for m in models[1:]:
+        if m.labels != labels:
+            raise InputError(f"{m.model_dir}: labels {m.labels} differ from {labels}; compare models of one label set")
+    label2id = {n: i for i, n in enumerate(labels)}
+
+    _, rows_iter = read_rows(args.input, args.format, args.text_field, label_field=args.label_field)
+    texts: list[str] = []
+    y: list[int] = []
+    n_err = unknown = 0
+    for item in fail_fast(rows_iter, args.input, args.on_error):
+        if isinstance(item, RowError):
+            n_err += 1
+            if not args.quiet:
+                print(f"{args.input}:{item.line}: {item.message}", file=sys.stderr)
+            continue
+        key = str(item.label)
+        if key not in label2id:
+            if args.unknown_labels == "error":
+                raise RowFailure(f"{args.input}:{item.line}: label {key!r} is not one the model knows ({', '.join(labels)}); "
+                                 "--unknown-labels count leaves such rows out")
+            unknown += 1
+            continue
+        texts.append(item.text)
+        y.append(label2id[key])
+    if not texts:
+        raise InputError(f"{args.input}: no labeled rows to evaluate")
+    y_arr = np.array(y)
+
+    results = [evaluate_model(m, texts, y_arr, args.batch_size) for m in models]
+    main_result = results[0]["report"]
+    main_result["row_errors"] = n_err
+    main_result["unknown_labels"] = unknown
+    pred = results[0]["probs"].argmax(-1)
+    extra = {name: m.compute(predictions=pred.tolist(), references=y_arr.tolist()) for name, m in metrics}
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}-", dir=report_dir.parent if report_dir.parent.exists() else None))
+    try:
+        table = [r["report"] for r in results]
+        (tmp / "metrics.json").write_text(json.dumps({**main_result, "extra_metrics": extra,
+                                                      "compare": [{k: r[k] for k in ("model", "variant", "accuracy", "f1_weighted", "f1_macro", "rows_per_second", "bytes")} for r in table]}, indent=2))
+        (tmp / "confusion_matrix.json").write_text(json.dumps({"labels": labels, "matrix": main_result["confusion_matrix"]}, indent=2))
+        plot_confusion(np.array(main_result["confusion_matrix"]), labels, tmp / "confusion_matrix.png", f"{Path(main_result['model']).name} ({main_result['variant']})")
+        with (tmp / "predictions.jsonl").open("w", encoding="utf-8") as f:
+            for text, t, p in zip(texts, y_arr, results[0]["probs"], strict=True):
+                f.write(json.dumps({"text": text, "true": labels[t], "pred": labels[int(p.argmax())],
+                                    "probs": {n: round(float(v), 6) for n, v in zip(labels, p, strict=True)}}, ensure_ascii=False) + "\n")
+        (tmp / "report.md").write_text(markdown_report(main_result, table, extra, args.input, unknown))
+        if report_dir.exists():
+            shutil.rmtree(report_dir)
+        tmp.rename(report_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not args.quiet:
+        for r in results:
+            rep = r["report"]
+            print(f"{rep['model']} ({rep['variant']}): accuracy {rep['accuracy']:.4f}, weighted F1 {rep['f1_weighted']:.4f}, "
+                  f"macro F1 {rep['f1_macro']:.4f}, {rep['rows_per_second']:.0f} rows/s", file=sys.stderr)
+        print(f"report: {report_dir}/report.md", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    config, report = read_model_dir(args.model)
+    d = Path(args.model)
+    info: dict[str, Any] = {
+        "model": str(d),
+        "labels": [config["id2label"][str(i)] for i in range(len(config["id2label"]))],
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "variants": {v: {"file": f, "bytes": (d / f).stat().st_size} for v, f in VARIANT_FILES.items() if (d / f).is_file()},
+        "default_variant": report.get("default_variant"),
+        "max_length": report.get("max_length"),
+    }
+    if report:
+        info["quantization"] = report.get("quantization", {}).get("method")
+        info["parity_fp32_max_abs_diff"] = report.get("parity_fp32", {}).get("max_abs_diff")
+        info["merge_max_abs_diff"] = report.get("merge", {}).get("max_abs_diff")
+        if "gate" in report:
+            info["gate"] = {k: report["gate"][k] for k in ("merged", "onnx_fp32", "onnx_int8", "verdict") if k in report["gate"]}
+        info["versions"] = report.get("versions")
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "predict":
+            return cmd_predict(args)
+        if args.command == "eval":
+            return cmd_eval(args)
+        return cmd_info(args)
+    except (InputError, ModelDirError, RowFailure) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `serve_cli predict ... | head`: the reader went away; not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

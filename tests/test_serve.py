@@ -1,0 +1,265 @@
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve_cli.__main__ import main
+from serve_cli.runtime import OnnxClassifier
+from tests.conftest import make_texts
+
+REPO = Path(__file__).resolve().parent.parent
+LABELS = ["Business", "Sci/Tech", "Sports", "World"]
+
+
+def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "serve_cli", *args], input=stdin, capture_output=True, env=env, cwd=REPO, timeout=120)
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    # Lengths from 1 to ~60 words so that length sorting really reorders rows.
+    rows = make_texts(100, seed=7, min_words=1, max_words=60)
+    return [t for t, _ in rows]
+
+
+def test_predict_jsonl_keeps_order_and_matches_unbatched(exported: Path, texts: list[str], tmp_path: Path) -> None:
+    src = write_lines(tmp_path / "in.jsonl", [json.dumps({"text": t, "id": f"r{i}"}) for i, t in enumerate(texts)])
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(out), "--id-field", "id",
+                 "--batch-size", "8", "--top-k", "4", "--variant", "fp32", "--quiet"]) == 0
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(len(texts))]
+    clf = OnnxClassifier(exported, variant="fp32")
+    for r, t in zip(rows, texts, strict=True):
+        alone = clf.predict_proba([t])[0]  # batch of one: no padding at all
+        assert r["label"] == LABELS[int(alone.argmax())]
+        assert r["score"] == pytest.approx(float(alone.max()), abs=1e-4)
+        assert [x["label"] for x in r["top_k"]][0] == r["label"] and len(r["top_k"]) == 4
+        assert sum(x["score"] for x in r["top_k"]) == pytest.approx(1.0, abs=1e-4)
+        assert r["top_k"] == sorted(r["top_k"], key=lambda x: -x["score"])
+
+
+def test_serve_output_matches_pytorch_merged_model(exported: Path, trained_run: Path, texts: list[str], tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    src = write_lines(tmp_path / "in.txt", texts[:40])
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(out), "--variant", "fp32", "--top-k", "4", "--quiet"]) == 0
+    got = np.array([[dict((x["label"], x["score"]) for x in r["top_k"])[n] for n in LABELS] for r in read_jsonl(out)])
+    model = AutoModelForSequenceClassification.from_pretrained(trained_run / "merged").eval()
+    tok = AutoTokenizer.from_pretrained(trained_run / "merged")
+    with torch.no_grad():
+        ref = torch.softmax(model(**tok(texts[:40], padding=True, truncation=True, max_length=32, return_tensors="pt")).logits, -1).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_csv_with_quotes_commas_and_newlines_to_csv_output(exported: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    with src.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        w.writerow(["a", 'stock market, "profit" shares'])
+        w.writerow(["b", "game team\ncoach win\nseason"])
+        w.writerow(["c", "software computer"])
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(out), "--id-field", "id", "--top-k", "2", "--quiet"]) == 0
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert [r["id"] for r in rows] == ["a", "b", "c"]
+    assert list(rows[0]) == ["id", "label", "score", "label_1", "score_1", "label_2", "score_2"]
+    assert all(r["label"] in LABELS and r["label"] == r["label_1"] for r in rows)
+
+
+def test_tsv_and_line_numbers_as_ids(exported: Path, tmp_path: Path) -> None:
+    src = write_lines(tmp_path / "in.tsv", ["text\tother", "stock market\tx", "", "game team\ty"])
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(out), "--quiet"]) == 0
+    assert [r["id"] for r in read_jsonl(out)] == [2, 4]
+
+
+def test_stdin_to_stdout_plain_text(exported: Path) -> None:
+    res = run_cli("predict", "--model", str(exported), "--input", "-", "--format", "txt", stdin=b"stock market profit\n\ngame team win\n")
+    assert res.returncode == 0, res.stderr.decode()
+    rows = [json.loads(x) for x in res.stdout.decode().splitlines()]
+    assert [r["id"] for r in rows] == [1, 3]
+    assert "rows: 2 in, 2 predicted, 0 errors" in res.stderr.decode()
+
+
+def test_predict_and_eval_never_import_torch(exported: Path, tmp_path: Path) -> None:
+    src = write_lines(tmp_path / "in.jsonl", [json.dumps({"text": "stock market", "label": "Business"}), json.dumps({"text": "game", "label": "Sports"})])
+    code = (
+        "import sys\nfrom serve_cli.__main__ import main\n"
+        f"assert main(['predict', '--model', {str(exported)!r}, '--input', {str(src)!r}, '--output', {str(tmp_path / 'o.jsonl')!r}, '--quiet']) == 0\n"
+        f"assert main(['eval', '--model', {str(exported)!r}, '--input', {str(src)!r}, '--report-dir', {str(tmp_path / 'rep')!r}, '--quiet']) == 0\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'sklearn', 'optimum', 'peft', 'accelerate', 'datasets'))\n"
+        "print(bad)\nassert not bad\nassert 'onnxruntime' in sys.modules and 'tokenizers' in sys.modules\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=REPO, timeout=120)
+    assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+
+
+BAD_ROWS = [
+    ("malformed", b'{"text": "ok"}\n{"text": "broken\n', 2, "malformed JSON"),
+    ("no_field", b'{"text": "ok"}\n{"body": "x"}\n', 2, "missing field 'text'"),
+    ("empty", b'{"text": "ok"}\n{"text": "   "}\n', 2, "field 'text' is empty"),
+    ("utf8", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', 2, "invalid UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "line", "message"), BAD_ROWS, ids=[b[0] for b in BAD_ROWS])
+def test_bad_row_fails_with_file_line_and_leaves_no_output(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, data: bytes, line: int, message: str) -> None:
+    src = tmp_path / f"{name}.jsonl"
+    src.write_bytes(data + b'{"text": "game team"}\n')
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{src}:{line}: {message}" in err
+    assert not out.exists() and not list(tmp_path.glob(".out.jsonl*")), "no partial output left in place"
+
+
+@pytest.mark.parametrize("mode", ["skip", "record"])
+def test_skip_and_record_count_every_row(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str) -> None:
+    src = tmp_path / "mixed.jsonl"
+    src.write_bytes(b"".join(d for _, d, _, _ in BAD_ROWS) + b"\n\n" + b'{"text": "game team"}\n')
+    # lines 1-8 alternate good 'ok' rows and the 4 bad rows; 9-10 blank; 11 one more good row
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(out), "--on-error", mode]) == 0
+    preds = read_jsonl(out)
+    err = capsys.readouterr().err
+    assert len(preds) == 5
+    assert "rows: 9 in, 5 predicted, 4 errors" in err
+    if mode == "record":
+        errors = read_jsonl(Path(f"{out}.errors.jsonl"))
+        assert [e["line"] for e in errors] == [2, 4, 6, 8]
+        assert "malformed JSON" in errors[0]["error"] and "invalid UTF-8" in errors[3]["error"]
+        assert [p["id"] for p in preds] == [1, 3, 5, 7, 11]
+        assert sorted([p["id"] for p in preds] + [e["line"] for e in errors]) == [1, 2, 3, 4, 5, 6, 7, 8, 11]
+    else:
+        assert f"{src}:2: malformed JSON" in err and f"{src}:8: invalid UTF-8" in err
+
+
+def test_huge_line_is_truncated_not_crashed(exported: Path, tmp_path: Path) -> None:
+    src = tmp_path / "big.txt"
+    src.write_text("market " * 150_000 + "\nteam game\n")  # ~1 MB first line
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(out), "--quiet"]) == 0
+    assert [r["id"] for r in read_jsonl(out)] == [1, 2]
+
+
+def test_empty_file_gives_empty_output(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "empty.jsonl"
+    src.write_bytes(b"")
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(out)]) == 0
+    assert out.read_text() == ""
+    assert "rows: 0 in, 0 predicted, 0 errors" in capsys.readouterr().err
+
+
+def test_existing_output_needs_overwrite(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = write_lines(tmp_path / "in.txt", ["stock market"])
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(out)]) == 1
+    assert "output exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == "precious\n"
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(out), "--overwrite", "--quiet"]) == 0
+    assert read_jsonl(out)[0]["id"] == 1
+
+
+def test_missing_or_wrong_model_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = write_lines(tmp_path / "in.txt", ["x"])
+    assert main(["predict", "--model", str(tmp_path / "none"), "--input", str(src)]) == 1
+    assert "model dir not found" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tmp_path), "--input", str(src)]) == 1
+    assert "not an ONNX export" in capsys.readouterr().err
+    assert main(["info", "--model", str(tmp_path)]) == 1
+
+
+def test_missing_input_file(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "--model", str(exported), "--input", str(tmp_path / "nope.jsonl")]) == 1
+    assert "input file not found" in capsys.readouterr().err
+
+
+METRIC_SCRIPT = '''
+import datasets
+import evaluate
+
+
+class MatchRate(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="share of equal ids", citation="", inputs_description="",
+            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+        )
+
+    def _compute(self, predictions, references):
+        return {"match_rate": sum(int(p == r) for p, r in zip(predictions, references)) / len(predictions)}
+'''
+
+
+def test_eval_report_matches_sklearn_and_compares_variants(exported: Path, toy_data: Path, tmp_path: Path) -> None:
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+    metric = tmp_path / "match_rate.py"
+    metric.write_text(METRIC_SCRIPT)
+    rep = tmp_path / "report"
+    assert main(["eval", "--model", str(exported), "--input", str(toy_data / "test.jsonl"), "--report-dir", str(rep),
+                 "--variant", "int8", "--compare", f"{exported}@fp32", "--metric", str(metric), "--quiet"]) == 0
+    assert sorted(p.name for p in rep.iterdir()) == ["confusion_matrix.json", "confusion_matrix.png", "metrics.json", "predictions.jsonl", "report.md"]
+    assert (rep / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    m = json.loads((rep / "metrics.json").read_text())
+    preds = read_jsonl(rep / "predictions.jsonl")
+    y = [p["true"] for p in preds]
+    yhat = [p["pred"] for p in preds]
+    assert len(preds) == 40 == m["rows"]
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, yhat))
+    assert m["f1_weighted"] == pytest.approx(f1_score(y, yhat, average="weighted", zero_division=0))
+    assert m["f1_macro"] == pytest.approx(f1_score(y, yhat, average="macro", zero_division=0))
+    sk = classification_report(y, yhat, labels=LABELS, output_dict=True, zero_division=0)
+    for name in LABELS:
+        assert m["per_class"][name]["precision"] == pytest.approx(sk[name]["precision"])
+        assert m["per_class"][name]["recall"] == pytest.approx(sk[name]["recall"])
+        assert m["per_class"][name]["f1"] == pytest.approx(sk[name]["f1-score"])
+        assert m["per_class"][name]["support"] == sk[name]["support"]
+    assert m["confusion_matrix"] == confusion_matrix(y, yhat, labels=LABELS).tolist()
+    assert m["extra_metrics"][str(metric)]["match_rate"] == pytest.approx(m["accuracy"])
+    assert [(c["variant"]) for c in m["compare"]] == ["int8", "fp32"]
+    report_md = (rep / "report.md").read_text()
+    assert "| model | variant | accuracy" in report_md and report_md.count(str(exported)) >= 2
+    export_report = json.loads((exported / "export_report.json").read_text())
+    assert m["compare"][1]["accuracy"] == pytest.approx(export_report["gate"]["onnx_fp32"]["accuracy"])
+    assert m["accuracy"] == pytest.approx(export_report["gate"]["onnx_int8"]["accuracy"])
+
+
+def test_eval_unknown_label_and_bad_metric(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = write_lines(tmp_path / "in.jsonl", [json.dumps({"text": "stock", "label": "Business"}), json.dumps({"text": "rain", "label": "Weather"})])
+    assert main(["eval", "--model", str(exported), "--input", str(src), "--report-dir", str(tmp_path / "r1")]) == 1
+    assert f"{src}:2: label 'Weather' is not one the model knows" in capsys.readouterr().err
+    assert main(["eval", "--model", str(exported), "--input", str(src), "--report-dir", str(tmp_path / "r2"), "--unknown-labels", "count", "--quiet"]) == 0
+    m = json.loads((tmp_path / "r2" / "metrics.json").read_text())
+    assert m["rows"] == 1 and m["unknown_labels"] == 1
+    assert main(["eval", "--model", str(exported), "--input", str(src), "--report-dir", str(tmp_path / "r3"), "--metric", str(tmp_path / "nometric.py")]) == 1
+    assert "metric" in capsys.readouterr().err and not (tmp_path / "r3").exists()
+
+
+def test_info(exported: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--model", str(exported)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["labels"] == LABELS and set(info["variants"]) == {"fp32", "int8"} and info["max_length"] == 32
