@@ -51,7 +51,7 @@ def test_predict_jsonl_keeps_order_and_matches_unbatched(exported: Path, texts: 
         alone = clf.predict_proba([t])[0]  # batch of one: no padding at all
         assert r["label"] == LABELS[int(alone.argmax())]
         assert r["score"] == pytest.approx(float(alone.max()), abs=1e-4)
-        assert [x["label"] for x in r["top_k"]][0] == r["label"] and len(r["top_k"]) == 4
+        assert r["top_k"][0]["label"] == r["label"] and len(r["top_k"]) == 4
         assert sum(x["score"] for x in r["top_k"]) == pytest.approx(1.0, abs=1e-4)
         assert r["top_k"] == sorted(r["top_k"], key=lambda x: -x["score"])
 

@@ -254,7 +254,10 @@ def train(cfg: Config, mixed_precision: str) -> int:
     run_dir = Path(cfg.output.run_dir)
     # TensorBoard is an optional extra: log to it when it is installed.
     use_tensorboard = cfg.output.tensorboard and importlib.util.find_spec("tensorboard") is not None
+    has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     accelerator = Accelerator(
+        # Without a GPU, several launched processes train on CPU over gloo (accelerate needs cpu=True for that).
+        cpu=not has_gpu,
         log_with="tensorboard" if use_tensorboard else None,
         project_dir=str(run_dir),
         mixed_precision=mixed_precision,
@@ -349,6 +352,9 @@ def train(cfg: Config, mixed_precision: str) -> int:
         accelerator.save_state(str(path))  # every rank: optimizer and RNG state are per process
         if accelerator.is_main_process:
             (path / "train_state.json").write_text(json.dumps(state.state_dict()))
+            # The best adapter so far travels with the checkpoint: a resumed run restores it with the state.
+            if (run_dir / "adapter").is_dir():
+                shutil.copytree(run_dir / "adapter", path / "best_adapter")
             rotate_checkpoints(ckpt_root, cfg.train.keep_checkpoints)
         accelerator.wait_for_everyone()
 
@@ -376,6 +382,10 @@ def train(cfg: Config, mixed_precision: str) -> int:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state.load_state_dict(json.loads((resume_from / "train_state.json").read_text()))
+        if accelerator.is_main_process and (resume_from / "best_adapter").is_dir():
+            shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+            shutil.copytree(resume_from / "best_adapter", run_dir / "adapter")
+        accelerator.wait_for_everyone()
         say(f"resumed from {resume_from} at step {state.global_step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
     elif cfg.train.eval_baseline:
         for name, loader in eval_loaders.items():

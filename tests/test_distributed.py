@@ -1,0 +1,115 @@
+"""Multi-process correctness on CPU: two processes over gloo through the real `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_args
+from trainer.train import main as train_main
+
+REPO = Path(__file__).resolve().parent.parent
+ACCEL_CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCEL_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_parse_and_document_launch(path: Path) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 1
+    head = path.read_text().splitlines()[:10]
+    assert head[0].startswith("# ")
+    assert any(f"accelerate launch --config_file configs/accelerate/{path.name} trainer/train.py" in x for x in head)
+
+
+def test_expected_launch_configs_exist() -> None:
+    names = {p.stem for p in ACCEL_CONFIGS}
+    assert names >= {"cpu_1proc", "cpu_2proc", "gpu_bf16", "gpu_fp16", "multi_gpu_ddp", "fsdp", "deepspeed_zero2", "multi_node"}
+
+
+def launch(config: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / config),
+           str(REPO / "trainer" / "train.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def events(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# Global batch 8 either way: 2 processes x 4, or 1 process x 8.
+TWO_PROC = ("train.batch_size=4", "train.eval_batch_size=4", "train.epochs=2", "train.save_every=5", "train.keep_checkpoints=20")
+
+
+@pytest.fixture(scope="module")
+def two_proc_run(tiny_bert: Path, toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    res = launch("cpu_2proc.yaml", tiny_args(tiny_bert, toy_data, run, *TWO_PROC))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "processes: 2" in res.stdout
+    return run
+
+
+def test_two_processes_write_once_and_evaluate_exactly_n_rows(two_proc_run: Path) -> None:
+    ev = events(two_proc_run)
+    steps = [e["step"] for e in ev if e["event"] == "train"]
+    assert steps == list(range(1, 31)), "each step logged once, by rank 0 only"
+    evals = [e for e in ev if e["event"] == "epoch_end"]
+    assert [e["step"] for e in evals] == [15, 30]
+    assert all(e["val_rows"] == 40 for e in evals), "gather_for_metrics drops the padding duplicates"
+    assert json.loads((two_proc_run / "summary.json").read_text())["num_processes"] == 2
+    assert (two_proc_run / "config.yaml").is_file() and not list(two_proc_run.glob("*.tmp"))
+
+
+def test_saved_adapter_is_what_rank0_held(two_proc_run: Path) -> None:
+    summary = json.loads((two_proc_run / "summary.json").read_text())
+    held = load_file(str(two_proc_run / "checkpoints" / f"step_{summary['best_step']}" / "model.safetensors"))
+    adapter = load_file(str(two_proc_run / "adapter" / "adapter_model.safetensors"))
+    assert adapter
+    for key, value in adapter.items():
+        # peft drops the adapter name from saved keys; modules_to_save hold the trained head copy
+        match = [k for k in held if k.replace(".default", "").replace("modules_to_save.", "") == key]
+        assert len(match) == 1, key
+        torch.testing.assert_close(value, held[match[0]], rtol=0, atol=0)
+
+
+def test_two_processes_match_one_process_with_same_global_batch(two_proc_run: Path, tiny_bert: Path, toy_data: Path, tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    args = [a.replace("batch_size=4", "batch_size=8") for a in TWO_PROC]
+    assert train_main(tiny_args(tiny_bert, toy_data, one, *args)) == 0
+    a = [e for e in events(one) if e["event"] == "epoch_end"]
+    b = [e for e in events(two_proc_run) if e["event"] == "epoch_end"]
+    assert [e["step"] for e in a] == [e["step"] for e in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["val_loss"] == pytest.approx(y["val_loss"], abs=5e-3)
+    assert a[-1]["val_loss"] < a[0]["val_loss"] + 0.5
+
+
+def test_resume_under_two_processes_matches_uninterrupted(two_proc_run: Path, tiny_bert: Path, toy_data: Path, tmp_path: Path) -> None:
+    resumed = tmp_path / "resumed"
+    ckpt = two_proc_run / "checkpoints" / "step_20"
+    res = launch("cpu_2proc.yaml", tiny_args(tiny_bert, toy_data, resumed, *TWO_PROC, f"train.resume={ckpt}"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resumed from" in res.stdout and "at step 20" in res.stdout
+    a = load_file(str(two_proc_run / "checkpoints" / "step_30" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step_30" / "model.safetensors"))
+    trained = [k for k in a if "lora_" in k or "modules_to_save" in k]
+    assert trained
+    for k in trained:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert [e["step"] for e in events(resumed) if e["event"] == "train"] == list(range(21, 31))
+
+
+def test_fp16_from_accelerate_config_on_cpu_is_refused(tiny_bert: Path, toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `accelerate launch` sets from gpu_fp16.yaml
+    assert train_main(tiny_args(tiny_bert, toy_data, tmp_path / "r", "train.mixed_precision=auto")) == 2
+    assert "fp16: needs a GPU" in capsys.readouterr().err
