@@ -347,7 +347,10 @@ def train(cfg: Config, mixed_precision: str) -> int:
         "config": to_dict(cfg),
     }
 
+    overhead = [0.0]  # seconds spent evaluating and checkpointing inside the loop (not training)
+
     def save_checkpoint() -> None:
+        t0 = time.perf_counter()
         path = ckpt_root / f"step_{state.global_step}"
         accelerator.save_state(str(path))  # every rank: optimizer and RNG state are per process
         if accelerator.is_main_process:
@@ -357,9 +360,11 @@ def train(cfg: Config, mixed_precision: str) -> int:
                 shutil.copytree(run_dir / "adapter", path / "best_adapter")
             rotate_checkpoints(ckpt_root, cfg.train.keep_checkpoints)
         accelerator.wait_for_everyone()
+        overhead[0] += time.perf_counter() - t0
 
     def run_validation(kind: str) -> None:
         """Evaluate, save the adapter if best, and decide early stopping once for every rank."""
+        t0 = time.perf_counter()
         metrics, _, _ = evaluate(model, eval_loaders["validation"], accelerator, labels)
         value = metrics[cfg.train.metric_for_best]
         improved = is_better(value, state.best_metric, cfg.train.metric_for_best)
@@ -374,6 +379,7 @@ def train(cfg: Config, mixed_precision: str) -> int:
             accelerator.log({f"val/{k}": metrics[k] for k in ("loss", "accuracy", "f1_weighted", "f1_macro")}, step=state.global_step)
             if cfg.train.patience and state.evals_without_improvement >= cfg.train.patience:
                 accelerator.set_trigger()
+        overhead[0] += time.perf_counter() - t0
         say(f"step {state.global_step}: val accuracy {metrics['accuracy']:.4f} f1_w {metrics['f1_weighted']:.4f} loss {metrics['loss']:.4f}" + (" (best)" if improved else ""))
 
     if use_tensorboard:
@@ -460,9 +466,12 @@ def train(cfg: Config, mixed_precision: str) -> int:
         "steps": state.global_step,
         "best_step": state.best_step,
         f"best_val_{cfg.train.metric_for_best}": state.best_metric,
+        # Wall time of the loop (with evaluation and checkpoints); throughput over training steps only.
         "train_seconds": elapsed,
-        "samples_per_second": (state.samples - start_samples) / elapsed if elapsed else None,
-        "tokens_per_second": (state.tokens - start_tokens) / elapsed if elapsed else None,
+        "eval_and_checkpoint_seconds": overhead[0],
+        "samples": state.samples - start_samples,
+        "samples_per_second": (state.samples - start_samples) / (elapsed - overhead[0]) if elapsed > overhead[0] else None,
+        "tokens_per_second": (state.tokens - start_tokens) / (elapsed - overhead[0]) if elapsed > overhead[0] else None,
         "mixed_precision": mixed_precision,
         "num_processes": accelerator.num_processes,
         "labels": labels,
