@@ -146,3 +146,16 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_bert: Path, toy_dat
         torch.testing.assert_close(fa[k], fb[k], rtol=0, atol=1e-6)
     # A run that did not move would pass the comparison trivially.
     assert _train_losses(full)[-1] < _train_losses(full)[0]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_bert: Path, toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    # An absurd learning rate overflows the weights after the first update.
+    rc = main(tiny_args(tiny_bert, toy_data, run, "train.lr=1e30", "train.max_grad_norm=0", "train.save_every=1", "train.warmup_ratio=0"))
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at step" in err and "last good checkpoint" in err
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts and all(math.isfinite(x) for x in _train_losses(run))
+    state = json.loads((run / "checkpoints" / ckpts[-1] / "train_state.json").read_text())
+    assert f"non-finite loss at step {state['global_step'] + 1}" in err
