@@ -233,7 +233,263 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return train(cfg, mixed_precision)
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from tqdm.auto import tqdm
+        from transformers import AutoTokenizer, get_scheduler
+
+        run_dir = Path(cfg.output.run_dir)
+        # TensorBoard is an optional extra: log to it when it is installed.
+        use_tensorboard = cfg.output.tensorboard and importlib.util.find_spec("tensorboard") is not None
+        has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+        accelerator = Accelerator(
+            # Without a GPU, several launched processes train on CPU over gloo (accelerate needs cpu=True for that).
+            cpu=not has_gpu,
+            log_with="tensorboard" if use_tensorboard else None,
+            project_dir=str(run_dir),
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)],
+        )
+        say = accelerator.print
+        ckpt_root = run_dir / "checkpoints"
+
+        # --- run dir: never overwrite silently; every rank decides the same before rank 0 writes anything.
+        resume_from: Path | None = None
+        if cfg.train.resume:
+            resume_from = latest_checkpoint(ckpt_root) if cfg.train.resume == "latest" else Path(cfg.train.resume)
+            if resume_from is None or not (resume_from / "train_state.json").is_file():
+                raise TrainingError(f"train.resume={cfg.train.resume}: no checkpoint found (looked in {ckpt_root})")
+        elif run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
+            raise TrainingError(
+                f"{run_dir}: run dir exists; pass train.resume=latest to continue it, output.overwrite=true to replace it, "
+                "or another output.run_dir"
+            )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if cfg.output.overwrite and not cfg.train.resume:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        accelerator.wait_for_everyone()
+        metrics_path = run_dir / "metrics.jsonl"
+
+        set_seed(cfg.train.seed)
+        if accelerator.device.type == "cpu":
+            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+            torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // local))
+        say(
+            f"mixed precision: {mixed_precision}; processes: {accelerator.num_processes}; device: {accelerator.device}; "
+            f"threads: {torch.get_num_threads()}"
+        )
+
+        # --- data: the main process reads and tokenizes first so caches and errors surface once.
+        model_path = resolve_model_path(cfg.model.name_or_path)
+        with accelerator.main_process_first():
+            tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+            splits, labels, sample_texts = load_splits(cfg.data, cfg.train.seed)
+            encoded = {name: encode(tokenizer, texts, y, cfg.data.max_length) for name, (texts, y) in splits.items()}
+        say(f"labels: {labels}; rows: " + ", ".join(f"{k}={len(v)}" for k, v in encoded.items()))
+
+        # --- model, optimizer, schedule
+        model = build_model(cfg.model, cfg.lora, labels, cfg.train.seed)
+        say(trainable_summary(model))
+        # DistilBERT-like models take no token_type_ids even when the tokenizer makes them.
+        takes_token_types = "token_type_ids" in inspect.signature(model.get_base_model().forward).parameters
+        loaders = make_loaders(encoded, cfg.train, tokenizer.pad_token_id, takes_token_types, accelerator.num_processes)
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.train.lr,
+        )
+        per_epoch = steps_per_epoch(len(encoded["train"]), cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum)
+        total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
+        num_epochs = math.ceil(total_steps / per_epoch)
+        # The prepared scheduler steps once per process for every optimizer step, hence the factor.
+        scheduler = get_scheduler(
+            "constant_with_warmup" if cfg.train.scheduler == "constant" else cfg.train.scheduler,
+            optimizer,
+            num_warmup_steps=int(cfg.train.warmup_ratio * total_steps) * accelerator.num_processes,
+            num_training_steps=total_steps * accelerator.num_processes,
+        )
+        eval_names = [n for n in ("validation", "test") if n in loaders]
+        prepared = accelerator.prepare(model, optimizer, scheduler, loaders["train"], *[loaders[n] for n in eval_names])
+        model, optimizer, scheduler, train_loader = prepared[:4]
+        eval_loaders = dict(zip(eval_names, prepared[4:], strict=True))
+        state = TrainState()  # saved beside each checkpoint as JSON (no pickle)
+
+        meta = {
+            "base_model": cfg.model.name_or_path,
+            "labels": labels,
+            "id2label": dict(enumerate(labels)),
+            "label2id": {n: i for i, n in enumerate(labels)},
+            "max_length": cfg.data.max_length,
+            "text_field": cfg.data.text_field,
+            "label_field": cfg.data.label_field,
+            "trust_remote_code": cfg.model.trust_remote_code,
+            "sample_texts": sample_texts,
+            "config": to_dict(cfg),
+        }
+
+        overhead = [0.0]  # seconds spent evaluating and checkpointing inside the loop (not training)
+
+        def save_checkpoint() -> None:
+            t0 = time.perf_counter()
+            path = ckpt_root / f"step_{state.global_step}"
+            accelerator.save_state(str(path))  # every rank: optimizer and RNG state are per process
+            if accelerator.is_main_process:
+                (path / "train_state.json").write_text(json.dumps(state.state_dict()))
+                # The best adapter so far travels with the checkpoint: a resumed run restores it with the state.
+                if (run_dir / "adapter").is_dir():
+                    shutil.copytree(run_dir / "adapter", path / "best_adapter")
+                rotate_checkpoints(ckpt_root, cfg.train.keep_checkpoints)
+            accelerator.wait_for_everyone()
+            overhead[0] += time.perf_counter() - t0
+
+        def run_validation(kind: str) -> None:
+            """Evaluate, save the adapter if best, and decide early stopping once for every rank."""
+            t0 = time.perf_counter()
+            metrics, _, _ = evaluate(model, eval_loaders["validation"], accelerator, labels)
+            value = metrics[cfg.train.metric_for_best]
+            improved = is_better(value, state.best_metric, cfg.train.metric_for_best)
+            if improved:
+                state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
+                save_adapter(accelerator, model, tokenizer, run_dir / "adapter", {**meta, "step": state.global_step, "validation": metrics})
+            else:
+                state.evals_without_improvement += 1
+            record = {"event": kind, "step": state.global_step, "epoch": state.epoch, "best": improved, **{f"val_{k}": v for k, v in metrics.items()}}
+            if accelerator.is_main_process:
+                log_line(metrics_path, record)
+                accelerator.log({f"val/{k}": metrics[k] for k in ("loss", "accuracy", "f1_weighted", "f1_macro")}, step=state.global_step)
+                if cfg.train.patience and state.evals_without_improvement >= cfg.train.patience:
+                    accelerator.set_trigger()
+            overhead[0] += time.perf_counter() - t0
+            say(f"step {state.global_step}: val accuracy {metrics['accuracy']:.4f} f1_w {metrics['f1_weighted']:.4f} loss {metrics['loss']:.4f}" + (" (best)" if improved else ""))
+
+        if use_tensorboard:
+            accelerator.init_trackers("tb")
+
+        if resume_from is not None:
+            accelerator.load_state(str(resume_from))
+            state.load_state_dict(json.loads((resume_from / "train_state.json").read_text()))
+            if accelerator.is_main_process and (resume_from / "best_adapter").is_dir():
+                shutil.rmtree(run_dir / "adapter", ignore_errors=True)
+                shutil.copytree(resume_from / "best_adapter", run_dir / "adapter")
+            accelerator.wait_for_everyone()
+            say(f"resumed from {resume_from} at step {state.global_step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
+        elif cfg.train.eval_baseline:
+            for name, loader in eval_loaders.items():
+                metrics, _, _ = evaluate(model, loader, accelerator, labels)
+                if accelerator.is_main_process:
+                    log_line(metrics_path, {"event": "baseline", "split": name, **metrics})
+                say(f"baseline (untrained) {name}: accuracy {metrics['accuracy']:.4f} f1_w {metrics['f1_weighted']:.4f}")
+
+        # --- the loop
+        model.train()
+        progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process, desc="train")
+        start = time.perf_counter()
+        start_samples, start_tokens = state.samples, state.tokens
+        stop = state.global_step >= total_steps
+        while state.epoch < num_epochs and not stop:
+            train_loader.set_epoch(state.epoch)
+            loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
+            for batch in loader:
+                batch.pop("index")
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    # A non-finite loss on any rank stops every rank before the weights are touched.
+                    if not torch.isfinite(loss):
+                        accelerator.set_trigger()
+                    if accelerator.check_trigger():
+                        raise TrainingError(
+                            f"non-finite loss at step {state.global_step + 1}; the last good checkpoint is in {ckpt_root} "
+                            "(lower train.lr, or train.mixed_precision=no)"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                state.batches_in_epoch += 1
+                state.samples += len(batch["labels"]) * accelerator.num_processes
+                state.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                state.global_step += 1
+                progress.update(1)
+                if state.global_step % cfg.train.log_every == 0 and accelerator.is_main_process:
+                    lr = scheduler.get_last_lr()[0]
+                    log_line(metrics_path, {"event": "train", "step": state.global_step, "epoch": state.epoch, "loss": loss.item(), "lr": lr})
+                    accelerator.log({"train/loss": loss.item(), "train/lr": lr}, step=state.global_step)
+                    progress.set_postfix(loss=f"{loss.item():.4f}")
+                last_step = state.global_step >= total_steps
+                if cfg.train.eval_every and state.global_step % cfg.train.eval_every == 0 and not last_step:
+                    run_validation("eval")
+                    if accelerator.check_trigger():
+                        say(f"early stopping: no improvement in {cfg.train.patience} evaluations")
+                        stop = True
+                if cfg.train.save_every and state.global_step % cfg.train.save_every == 0 and not last_step:
+                    save_checkpoint()
+                if stop or last_step:
+                    break
+            if not stop:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+                run_validation("epoch_end")
+                if accelerator.check_trigger():
+                    say(f"early stopping: no improvement in {cfg.train.patience} evaluations")
+                    stop = True
+                save_checkpoint()
+                stop = stop or state.global_step >= total_steps
+        progress.close()
+        elapsed = time.perf_counter() - start
+
+        # --- test split: once, with the best adapter
+        summary: dict[str, Any] = {
+            "steps": state.global_step,
+            "best_step": state.best_step,
+            f"best_val_{cfg.train.metric_for_best}": state.best_metric,
+            # Wall time of the loop (with evaluation and checkpoints); throughput over training steps only.
+            "train_seconds": elapsed,
+            "eval_and_checkpoint_seconds": overhead[0],
+            "samples": state.samples - start_samples,
+            "samples_per_second": (state.samples - start_samples) / (elapsed - overhead[0]) if elapsed > overhead[0] else None,
+            "tokens_per_second": (state.tokens - start_tokens) / (elapsed - overhead[0]) if elapsed > overhead[0] else None,
+            "mixed_precision": mixed_precision,
+            "num_processes": accelerator.num_processes,
+            "labels": labels,
+        }
+        if "test" in eval_loaders:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(str(run_dir / "adapter" / "adapter_model.safetensors")))
+            metrics, probs, index = evaluate(model, eval_loaders["test"], accelerator, labels, detailed=True)
+            summary["test_accuracy"] = metrics["accuracy"]
+            summary["test_f1_weighted"] = metrics["f1_weighted"]
+            if accelerator.is_main_process:
+                (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+                texts, y = splits["test"]
+                with (run_dir / "test_predictions.jsonl").open("w", encoding="utf-8") as f:
+                    for row in np.argsort(index):
+                        i = int(index[row])
+                        f.write(json.dumps({
+                            "text": texts[i],
+                            "label": labels[y[i]],
+                            "pred": labels[int(probs[row].argmax())],
+                            "probs": {name: round(float(p), 6) for name, p in zip(labels, probs[row], strict=True)},
+                        }) + "\n")
+            say(f"test: accuracy {metrics['accuracy']:.4f} f1_weighted {metrics['f1_weighted']:.4f} ({metrics['rows']} rows)")
+        if accelerator.is_main_process:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            log_line(metrics_path, {"event": "end", **summary})
+        say(f"done in {elapsed:.0f}s ({summary['samples_per_second']:.1f} samples/s); run dir: {run_dir}")
+        accelerator.end_training()
+        return 0
     except (DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -243,266 +499,6 @@ def main(argv: list[str] | None = None) -> int:
 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-
-
-def train(cfg: Config, mixed_precision: str) -> int:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, get_scheduler
-
-    run_dir = Path(cfg.output.run_dir)
-    # TensorBoard is an optional extra: log to it when it is installed.
-    use_tensorboard = cfg.output.tensorboard and importlib.util.find_spec("tensorboard") is not None
-    has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    accelerator = Accelerator(
-        # Without a GPU, several launched processes train on CPU over gloo (accelerate needs cpu=True for that).
-        cpu=not has_gpu,
-        log_with="tensorboard" if use_tensorboard else None,
-        project_dir=str(run_dir),
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)],
-    )
-    say = accelerator.print
-    ckpt_root = run_dir / "checkpoints"
-
-    # --- run dir: never overwrite silently; every rank decides the same before rank 0 writes anything.
-    resume_from: Path | None = None
-    if cfg.train.resume:
-        resume_from = latest_checkpoint(ckpt_root) if cfg.train.resume == "latest" else Path(cfg.train.resume)
-        if resume_from is None or not (resume_from / "train_state.json").is_file():
-            raise TrainingError(f"train.resume={cfg.train.resume}: no checkpoint found (looked in {ckpt_root})")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
-        raise TrainingError(
-            f"{run_dir}: run dir exists; pass train.resume=latest to continue it, output.overwrite=true to replace it, "
-            "or another output.run_dir"
-        )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if cfg.output.overwrite and not cfg.train.resume:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
-    metrics_path = run_dir / "metrics.jsonl"
-
-    set_seed(cfg.train.seed)
-    if accelerator.device.type == "cpu":
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
-        torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // local))
-    say(
-        f"mixed precision: {mixed_precision}; processes: {accelerator.num_processes}; device: {accelerator.device}; "
-        f"threads: {torch.get_num_threads()}"
-    )
-
-    # --- data: the main process reads and tokenizes first so caches and errors surface once.
-    model_path = resolve_model_path(cfg.model.name_or_path)
-    with accelerator.main_process_first():
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-        splits, labels, sample_texts = load_splits(cfg.data, cfg.train.seed)
-        encoded = {name: encode(tokenizer, texts, y, cfg.data.max_length) for name, (texts, y) in splits.items()}
-    say(f"labels: {labels}; rows: " + ", ".join(f"{k}={len(v)}" for k, v in encoded.items()))
-
-    # --- model, optimizer, schedule
-    model = build_model(cfg.model, cfg.lora, labels, cfg.train.seed)
-    say(trainable_summary(model))
-    # DistilBERT-like models take no token_type_ids even when the tokenizer makes them.
-    takes_token_types = "token_type_ids" in inspect.signature(model.get_base_model().forward).parameters
-    loaders = make_loaders(encoded, cfg.train, tokenizer.pad_token_id, takes_token_types, accelerator.num_processes)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.train.lr,
-    )
-    per_epoch = steps_per_epoch(len(encoded["train"]), cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum)
-    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
-    num_epochs = math.ceil(total_steps / per_epoch)
-    # The prepared scheduler steps once per process for every optimizer step, hence the factor.
-    scheduler = get_scheduler(
-        "constant_with_warmup" if cfg.train.scheduler == "constant" else cfg.train.scheduler,
-        optimizer,
-        num_warmup_steps=int(cfg.train.warmup_ratio * total_steps) * accelerator.num_processes,
-        num_training_steps=total_steps * accelerator.num_processes,
-    )
-    eval_names = [n for n in ("validation", "test") if n in loaders]
-    prepared = accelerator.prepare(model, optimizer, scheduler, loaders["train"], *[loaders[n] for n in eval_names])
-    model, optimizer, scheduler, train_loader = prepared[:4]
-    eval_loaders = dict(zip(eval_names, prepared[4:], strict=True))
-    state = TrainState()  # saved beside each checkpoint as JSON (no pickle)
-
-    meta = {
-        "base_model": cfg.model.name_or_path,
-        "labels": labels,
-        "id2label": dict(enumerate(labels)),
-        "label2id": {n: i for i, n in enumerate(labels)},
-        "max_length": cfg.data.max_length,
-        "text_field": cfg.data.text_field,
-        "label_field": cfg.data.label_field,
-        "trust_remote_code": cfg.model.trust_remote_code,
-        "sample_texts": sample_texts,
-        "config": to_dict(cfg),
-    }
-
-    overhead = [0.0]  # seconds spent evaluating and checkpointing inside the loop (not training)
-
-    def save_checkpoint() -> None:
-        t0 = time.perf_counter()
-        path = ckpt_root / f"step_{state.global_step}"
-        accelerator.save_state(str(path))  # every rank: optimizer and RNG state are per process
-        if accelerator.is_main_process:
-            (path / "train_state.json").write_text(json.dumps(state.state_dict()))
-            # The best adapter so far travels with the checkpoint: a resumed run restores it with the state.
-            if (run_dir / "adapter").is_dir():
-                shutil.copytree(run_dir / "adapter", path / "best_adapter")
-            rotate_checkpoints(ckpt_root, cfg.train.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        overhead[0] += time.perf_counter() - t0
-
-    def run_validation(kind: str) -> None:
-        """Evaluate, save the adapter if best, and decide early stopping once for every rank."""
-        t0 = time.perf_counter()
-        metrics, _, _ = evaluate(model, eval_loaders["validation"], accelerator, labels)
-        value = metrics[cfg.train.metric_for_best]
-        improved = is_better(value, state.best_metric, cfg.train.metric_for_best)
-        if improved:
-            state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
-            save_adapter(accelerator, model, tokenizer, run_dir / "adapter", {**meta, "step": state.global_step, "validation": metrics})
-        else:
-            state.evals_without_improvement += 1
-        record = {"event": kind, "step": state.global_step, "epoch": state.epoch, "best": improved, **{f"val_{k}": v for k, v in metrics.items()}}
-        if accelerator.is_main_process:
-            log_line(metrics_path, record)
-            accelerator.log({f"val/{k}": metrics[k] for k in ("loss", "accuracy", "f1_weighted", "f1_macro")}, step=state.global_step)
-            if cfg.train.patience and state.evals_without_improvement >= cfg.train.patience:
-                accelerator.set_trigger()
-        overhead[0] += time.perf_counter() - t0
-        say(f"step {state.global_step}: val accuracy {metrics['accuracy']:.4f} f1_w {metrics['f1_weighted']:.4f} loss {metrics['loss']:.4f}" + (" (best)" if improved else ""))
-
-    if use_tensorboard:
-        accelerator.init_trackers("tb")
-
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state.load_state_dict(json.loads((resume_from / "train_state.json").read_text()))
-        if accelerator.is_main_process and (resume_from / "best_adapter").is_dir():
-            shutil.rmtree(run_dir / "adapter", ignore_errors=True)
-            shutil.copytree(resume_from / "best_adapter", run_dir / "adapter")
-        accelerator.wait_for_everyone()
-        say(f"resumed from {resume_from} at step {state.global_step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
-    elif cfg.train.eval_baseline:
-        for name, loader in eval_loaders.items():
-            metrics, _, _ = evaluate(model, loader, accelerator, labels)
-            if accelerator.is_main_process:
-                log_line(metrics_path, {"event": "baseline", "split": name, **metrics})
-            say(f"baseline (untrained) {name}: accuracy {metrics['accuracy']:.4f} f1_w {metrics['f1_weighted']:.4f}")
-
-    # --- the loop
-    model.train()
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process, desc="train")
-    start = time.perf_counter()
-    start_samples, start_tokens = state.samples, state.tokens
-    stop = state.global_step >= total_steps
-    while state.epoch < num_epochs and not stop:
-        train_loader.set_epoch(state.epoch)
-        loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
-        for batch in loader:
-            batch.pop("index")
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                # A non-finite loss on any rank stops every rank before the weights are touched.
-                if not torch.isfinite(loss):
-                    accelerator.set_trigger()
-                if accelerator.check_trigger():
-                    raise TrainingError(
-                        f"non-finite loss at step {state.global_step + 1}; the last good checkpoint is in {ckpt_root} "
-                        "(lower train.lr, or train.mixed_precision=no)"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            state.batches_in_epoch += 1
-            state.samples += len(batch["labels"]) * accelerator.num_processes
-            state.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            state.global_step += 1
-            progress.update(1)
-            if state.global_step % cfg.train.log_every == 0 and accelerator.is_main_process:
-                lr = scheduler.get_last_lr()[0]
-                log_line(metrics_path, {"event": "train", "step": state.global_step, "epoch": state.epoch, "loss": loss.item(), "lr": lr})
-                accelerator.log({"train/loss": loss.item(), "train/lr": lr}, step=state.global_step)
-                progress.set_postfix(loss=f"{loss.item():.4f}")
-            last_step = state.global_step >= total_steps
-            if cfg.train.eval_every and state.global_step % cfg.train.eval_every == 0 and not last_step:
-                run_validation("eval")
-                if accelerator.check_trigger():
-                    say(f"early stopping: no improvement in {cfg.train.patience} evaluations")
-                    stop = True
-            if cfg.train.save_every and state.global_step % cfg.train.save_every == 0 and not last_step:
-                save_checkpoint()
-            if stop or last_step:
-                break
-        if not stop:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-            run_validation("epoch_end")
-            if accelerator.check_trigger():
-                say(f"early stopping: no improvement in {cfg.train.patience} evaluations")
-                stop = True
-            save_checkpoint()
-            stop = stop or state.global_step >= total_steps
-    progress.close()
-    elapsed = time.perf_counter() - start
-
-    # --- test split: once, with the best adapter
-    summary: dict[str, Any] = {
-        "steps": state.global_step,
-        "best_step": state.best_step,
-        f"best_val_{cfg.train.metric_for_best}": state.best_metric,
-        # Wall time of the loop (with evaluation and checkpoints); throughput over training steps only.
-        "train_seconds": elapsed,
-        "eval_and_checkpoint_seconds": overhead[0],
-        "samples": state.samples - start_samples,
-        "samples_per_second": (state.samples - start_samples) / (elapsed - overhead[0]) if elapsed > overhead[0] else None,
-        "tokens_per_second": (state.tokens - start_tokens) / (elapsed - overhead[0]) if elapsed > overhead[0] else None,
-        "mixed_precision": mixed_precision,
-        "num_processes": accelerator.num_processes,
-        "labels": labels,
-    }
-    if "test" in eval_loaders:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(str(run_dir / "adapter" / "adapter_model.safetensors")))
-        metrics, probs, index = evaluate(model, eval_loaders["test"], accelerator, labels, detailed=True)
-        summary["test_accuracy"] = metrics["accuracy"]
-        summary["test_f1_weighted"] = metrics["f1_weighted"]
-        if accelerator.is_main_process:
-            (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
-            texts, y = splits["test"]
-            with (run_dir / "test_predictions.jsonl").open("w", encoding="utf-8") as f:
-                for row in np.argsort(index):
-                    i = int(index[row])
-                    f.write(json.dumps({
-                        "text": texts[i],
-                        "label": labels[y[i]],
-                        "pred": labels[int(probs[row].argmax())],
-                        "probs": {name: round(float(p), 6) for name, p in zip(labels, probs[row], strict=True)},
-                    }) + "\n")
-        say(f"test: accuracy {metrics['accuracy']:.4f} f1_weighted {metrics['f1_weighted']:.4f} ({metrics['rows']} rows)")
-    if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log_line(metrics_path, {"event": "end", **summary})
-    say(f"done in {elapsed:.0f}s ({summary['samples_per_second']:.1f} samples/s); run dir: {run_dir}")
-    accelerator.end_training()
-    return 0
 
 
 if __name__ == "__main__":
