@@ -5,7 +5,7 @@
 Quantizes RUN/onnx/model.onnx with every method `python -m export.to_onnx --quantization` offers
 (onnxruntime quantize_dynamic on the plain graph, the same after fusing attention/LayerNorm/GELU,
 optimum's ORTQuantizer avx512_vnni / avx2 / arm64 configs), then runs each on the AG News test texts in
-process (length-sorted batches of 32, all cores) next to fp32. The fastest method that keeps accuracy
+process (serve_cli's batching: length-sorted windows, batch 32, all cores) next to fp32. The fastest method that keeps accuracy
 is what `--quantization auto` picks. Saves benchmarks/results/quantization.json.
 """
 
@@ -24,17 +24,15 @@ from common import REPO, data_dir, machine, median, save, table
 
 
 def throughput(onnx_dir: Path, variant: str, texts: list[str], truth: list[str]) -> tuple[float, float]:
-    from serve_cli.runtime import OnnxClassifier, softmax
+    """Rows/s and accuracy through serve_cli's own batching (length-sorted windows, batch 32)."""
+    from serve_cli.__main__ import DEFAULT_BATCH_SIZE, predict_in_order
+    from serve_cli.io import Row
+    from serve_cli.runtime import OnnxClassifier
 
     clf = OnnxClassifier(onnx_dir, variant=variant)
     t0 = time.perf_counter()
-    encs = clf.encode(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(encs[i].ids))
-    pred = [""] * len(texts)
-    for b in range(0, len(order), 32):
-        idx = order[b : b + 32]
-        for i, p in zip(idx, softmax(clf.run([encs[i] for i in idx])), strict=True):
-            pred[i] = clf.labels[int(p.argmax())]
+    rows = (Row(i, i, t) for i, t in enumerate(texts))
+    pred = [clf.labels[int(p.argmax())] for _, p in predict_in_order(clf, rows, DEFAULT_BATCH_SIZE)]
     seconds = time.perf_counter() - t0
     return len(texts) / seconds, sum(a == b for a, b in zip(pred, truth, strict=True)) / len(texts)
 

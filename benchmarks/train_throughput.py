@@ -7,7 +7,8 @@ figure is the median over --reps runs of a fixed number of optimizer steps. Each
 - reference recipe: HF Trainer as the replaced project used it: padding to max_length 128, per-device
   batch 16, fp32 on CPU, LoRA r=8 alpha=16 on query/value, dropout 0.1.
 - ours, reference LoRA: trainer/train.py with configs/agnews_minilm.yaml but LoRA r=8 alpha=16 on
-  query/value, dropout 0.1 (so only the loop differs: dynamic padding, length grouping, batch 32).
+  query/value, dropout 0.1 (so only the loop differs: dynamic padding, length grouping, batch 32, and the
+  default model.base_dropout=off); the same with model.base_dropout=keep shows what the dropout costs.
 - ours, default: configs/agnews_minilm.yaml as shipped.
 Throughput counts training steps only (our loop excludes its end-of-run evaluation and checkpoint).
 Saves benchmarks/results/train_throughput.json.
@@ -77,6 +78,7 @@ def main() -> int:
     variants = {
         "reference recipe (HF Trainer, pad 128, batch 16, fp32, LoRA r=8 q/v)": None,
         "loraship loop, reference LoRA (r=8 q/v, dropout 0.1)": REF_LORA,
+        "loraship loop, reference LoRA, base-model dropout kept": [*REF_LORA, "model.base_dropout=keep"],
         "loraship loop, default config (r=16 all-linear)": [],
     }
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in variants}

@@ -29,6 +29,9 @@ import numpy as np
 from serve_cli.io import FORMATS, AtomicOutput, InputError, Row, RowError, read_rows
 from serve_cli.runtime import VARIANT_FILES, ModelDirError, OnnxClassifier, read_model_dir, softmax
 
+DEFAULT_BATCH_SIZE = 32
+WINDOW_BATCHES = 32  # rows are length-sorted within windows of this many batches: bounded memory
+
 
 class RowFailure(ValueError):
     """A bad row under --on-error fail."""
@@ -44,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sp.add_argument("--format", choices=FORMATS, default="auto", help="input format (auto: by extension)")
         sp.add_argument("--text-field", default="text", help="field/column holding the text")
         sp.add_argument("--variant", choices=sorted(VARIANT_FILES), help="model variant (default: the export's default)")
-        sp.add_argument("--batch-size", type=int, default=32)
+        sp.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="rows per ONNX run (int8 results depend slightly on batching: activation scales are per batch)")
         sp.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores)")
         sp.add_argument("--max-length", type=int, default=0, help="truncate to N tokens (0 = the training max_length)")
         sp.add_argument("--on-error", choices=("fail", "skip", "record"), default="fail",
@@ -96,7 +100,7 @@ class Progress:
             sys.stderr.write("\r\033[K")
 
 
-def predict_in_order(clf: OnnxClassifier, items: Iterable[Row | RowError], batch_size: int, window: int) -> Iterator[tuple[Row | RowError, np.ndarray | None]]:
+def predict_in_order(clf: OnnxClassifier, items: Iterable[Row | RowError], batch_size: int) -> Iterator[tuple[Row | RowError, np.ndarray | None]]:
     """(item, probabilities) in input order; inside each window rows are run in length order (less padding)."""
     # A 1 MB line would cost seconds to tokenize only to be truncated: cap characters well above what
     # max_length tokens can span.
@@ -116,7 +120,7 @@ def predict_in_order(clf: OnnxClassifier, items: Iterable[Row | RowError], batch
 
     for item in items:
         buf.append(item)
-        if len(buf) >= window:
+        if len(buf) >= batch_size * WINDOW_BATCHES:
             yield from flush()
             buf = []
     if buf:
@@ -159,7 +163,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             writer.writerow(["id", "label", "score"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "score")])
         n_ok = n_err = 0
         progress = Progress(not args.quiet)
-        for item, probs in predict_in_order(clf, fail_fast(rows, args.input, args.on_error), args.batch_size, args.batch_size * 32):
+        for item, probs in predict_in_order(clf, fail_fast(rows, args.input, args.on_error), args.batch_size):
             if isinstance(item, RowError):
                 n_err += 1
                 record = {"line": item.line, "error": item.message}
@@ -205,7 +209,7 @@ def evaluate_model(clf: OnnxClassifier, texts: list[str], y: np.ndarray, batch_s
     from serve_cli.metrics import classification_report
 
     t0 = time.perf_counter()
-    probs = np.stack([p for _, p in predict_in_order(clf, (Row(i, i, t) for i, t in enumerate(texts)), batch_size, batch_size * 32)])  # type: ignore[misc]
+    probs = np.stack([p for _, p in predict_in_order(clf, (Row(i, i, t) for i, t in enumerate(texts)), batch_size)])  # type: ignore[misc]
     seconds = time.perf_counter() - t0
     report = classification_report(y, probs.argmax(-1), clf.labels)
     report.update({

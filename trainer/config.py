@@ -37,6 +37,13 @@ class ModelConfig:
     trust_remote_code: bool = field(
         default=False, metadata={"doc": "Allow model code from the hub repo. Off: only enable for repos you trust."}
     )
+    base_dropout: Literal["off", "keep"] = field(
+        default="off",
+        metadata={
+            "doc": "Dropout inside the frozen base model: 'off' zeroes every *dropout* value of its config "
+            "(measured 48 -> 65 samples/s on CPU; LoRA has its own lora.dropout), 'keep' uses the checkpoint's."
+        },
+    )
 
 
 @dataclass

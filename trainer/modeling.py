@@ -77,11 +77,18 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, labels: list[str],
     """Load the base model with a fresh head for `labels` and wrap it with a LoRA adapter."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
+    path = resolve_model_path(model_cfg.name_or_path)
+    overrides: dict[str, float] = {}
+    if model_cfg.base_dropout == "off":
+        # hidden_dropout_prob, attention_probs_dropout_prob, dropout, attention_dropout, ... whatever the architecture
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        overrides = {k: 0.0 for k, v in config.to_dict().items() if "dropout" in k and isinstance(v, float)}
     base = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(model_cfg.name_or_path),
+        path,
+        **overrides,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
