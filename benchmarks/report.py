@@ -65,6 +65,17 @@ def results() -> str:
             out.append(f"| {r['name']} | {r['rows_per_second']:.0f} | {r['ratio_vs_pipeline']:.2f} | {r['accuracy']:.4f} | {lat} | {r['size_mb']:.1f} MB |")
         out += ["", f"Cold start, `serve_cli predict` on a 10-row file (process start to exit): {i['cold_start_seconds']:.2f} s.",
                 f"Command: `{i['command']}`.", ""]
+    qz = _load("quantization")
+    if qz:
+        machines.add((qz["machine"]["cpu"], qz["machine"]["cores"]))
+        out += [f"### Int8 methods of the export (in process, serve_cli batching, median of {qz['reps']} runs)", "",
+                "| method | rows/s | accuracy | size |", "|---|---|---|---|"]
+        for r in qz["rows"]:
+            if "error" in r:
+                out.append(f"| {r['name']} | failed | - | - |")
+            else:
+                out.append(f"| {r['name']} | {r['rows_per_second']:.0f} | {r['accuracy']:.4f} | {r['size_mb']:.1f} MB |")
+        out += ["", f"Command: `{qz['command']}`.", ""]
     if not out:
         return "No measurements saved yet: run the scripts in `benchmarks/` (see benchmarks/README.md)."
     head = "Measured on " + "; ".join(f"{cpu}, {cores} cores" for cpu, cores in sorted(machines)) + ", by the scripts in `benchmarks/` (figures from `benchmarks/results/*.json`)."

@@ -141,3 +141,15 @@ def exported(trained_run: Path, toy_data: Path) -> Path:
 
     assert main(["--run", str(trained_run), "--eval-file", str(toy_data / "test.jsonl")]) == 0
     return trained_run / "onnx"
+
+
+def assert_same_trained_weights(a: Path, b: Path) -> None:
+    """The LoRA and head tensors of two checkpoint model files agree to 1e-6 (and there are some)."""
+    import torch
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    trained = [k for k in ta if "lora_" in k or "modules_to_save" in k]
+    assert trained
+    for k in trained:
+        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=1e-6)
