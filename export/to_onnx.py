@@ -281,7 +281,7 @@ def fingerprint(adapter_dir: Path, base_model: str, args: argparse.Namespace) ->
         "base_model": base_model,
         "opset": args.opset,
         "quantization": args.quantization,
-        "eval_file": str(args.eval_file) if args.eval_file else None,
+        "eval_file": str(args.eval_file.resolve()) if args.eval_file else None,
         "max_int8_drop": args.max_int8_drop,
     }
 

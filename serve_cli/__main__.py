@@ -320,7 +320,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         (tmp / "metrics.json").write_text(json.dumps({**main_result, "extra_metrics": extra,
                                                       "compare": [{k: r[k] for k in ("model", "variant", "accuracy", "f1_weighted", "f1_macro", "rows_per_second", "bytes")} for r in table]}, indent=2))
         (tmp / "confusion_matrix.json").write_text(json.dumps({"labels": labels, "matrix": main_result["confusion_matrix"]}, indent=2))
-        plot_confusion(np.array(main_result["confusion_matrix"]), labels, tmp / "confusion_matrix.png", f"{Path(main_result['model']).name} ({main_result['variant']})")
+        plot_confusion(np.array(main_result["confusion_matrix"]), labels, tmp / "confusion_matrix.png", f"{Path(main_result['model']).resolve().parent.name}/{Path(main_result['model']).name} ({main_result['variant']})")
         with (tmp / "predictions.jsonl").open("w", encoding="utf-8") as f:
             for text, t, p in zip(texts, y_arr, results[0]["probs"], strict=True):
                 f.write(json.dumps({"text": text, "true": labels[t], "pred": labels[int(p.argmax())],
