@@ -255,10 +255,11 @@ def load_eval_file(path: Path, text_field: str, label_field: str, labels: list[s
     return rows.texts, np.array(y)
 
 
-def accuracy_f1(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
+def accuracy_f1(y: np.ndarray, pred: np.ndarray, n_labels: int) -> dict[str, float]:
+    from serve_cli.metrics import classification_report
 
-    return {"accuracy": float(accuracy_score(y, pred)), "f1_weighted": float(f1_score(y, pred, average="weighted"))}
+    report = classification_report(y, pred, [str(i) for i in range(n_labels)])
+    return {"accuracy": report["accuracy"], "f1_weighted": report["f1_weighted"]}
 
 
 def onnx_predict(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
@@ -398,9 +399,9 @@ def run(args: argparse.Namespace) -> int:
             eval_texts, y = eval_data
             gate: dict[str, Any] = {"file": str(args.eval_file), "rows": len(y)}
             pred = np.concatenate([torch_logits(merged, tokenizer, eval_texts[i : i + 64], meta["max_length"], 64).argmax(-1) for i in range(0, len(eval_texts), 64)])
-            gate["merged"] = accuracy_f1(y, pred)
+            gate["merged"] = accuracy_f1(y, pred, len(meta["labels"]))
             for variant in ("fp32", "int8"):
-                gate[f"onnx_{variant}"] = accuracy_f1(y, onnx_predict(tmp, variant, eval_texts, args.threads))
+                gate[f"onnx_{variant}"] = accuracy_f1(y, onnx_predict(tmp, variant, eval_texts, args.threads), len(meta["labels"]))
             drop = 100 * (gate["onnx_fp32"]["accuracy"] - gate["onnx_int8"]["accuracy"])
             gate["int8_drop_points"] = drop
             gate["max_int8_drop_points"] = args.max_int8_drop

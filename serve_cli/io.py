@@ -109,15 +109,22 @@ def _decode(raw: bytes, lineno: int) -> tuple[str | None, RowError | None]:
         return None, RowError(lineno, f"invalid UTF-8 ({e.reason} at byte {e.start})")
 
 
-def _jsonl(lines: Iterable[bytes], text_field: str, id_field: str | None, label_field: str | None) -> Iterator[Row | RowError]:
+def _text_lines(lines: Iterable[bytes]) -> Iterator[tuple[int, str] | RowError]:
+    """(line number, decoded line) for each non-blank line; a RowError for a line that is not UTF-8."""
     for lineno, raw in enumerate(lines, start=1):
         line, err = _decode(raw, lineno)
         if err:
             yield err
+        elif line and line.strip():  # blank lines are not rows
+            yield lineno, line
+
+
+def _jsonl(lines: Iterable[bytes], text_field: str, id_field: str | None, label_field: str | None) -> Iterator[Row | RowError]:
+    for item in _text_lines(lines):
+        if isinstance(item, RowError):
+            yield item
             continue
-        assert line is not None
-        if not line.strip():
-            continue
+        lineno, line = item
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -138,16 +145,8 @@ def _jsonl(lines: Iterable[bytes], text_field: str, id_field: str | None, label_
 
 
 def _txt(lines: Iterable[bytes]) -> Iterator[Row | RowError]:
-    for lineno, raw in enumerate(lines, start=1):
-        line, err = _decode(raw, lineno)
-        if err:
-            yield err
-            continue
-        assert line is not None
-        text = line.rstrip("\r\n")
-        if not text.strip():
-            continue  # blank lines are not rows
-        yield Row(lineno, lineno, text)
+    for item in _text_lines(lines):
+        yield item if isinstance(item, RowError) else Row(item[0], item[0], item[1].rstrip("\r\n"))
 
 
 def _csv(path: str, lines: Iterable[bytes], delimiter: str, text_field: str, id_field: str | None, label_field: str | None) -> Iterator[Row | RowError]:
