@@ -17,11 +17,11 @@ def _train_losses(run: Path) -> list[float]:
     return [r["loss"] for r in lines if r["event"] == "train"]
 
 
-def test_end_to_end_writes_exactly_the_run_dir(trained_run: Path) -> None:
+def test_end_to_end_writes_exactly_the_run_dir(trained_run: Path, toy_data: Path) -> None:
     run = trained_run
     # merged/ and onnx/ appear once the export tests have used this shared run
     assert sorted(p.name for p in run.iterdir() if p.name not in ("merged", "onnx")) == [
-        "adapter", "checkpoints", "config.yaml", "metrics.jsonl", "summary.json", "test_metrics.json", "test_predictions.jsonl",
+        ".loraship", "adapter", "checkpoints", "config.yaml", "metrics.jsonl", "summary.json", "test_metrics.json", "test_predictions.jsonl",
     ]
     assert sorted(p.name for p in (run / "adapter").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "loraship.json",
@@ -43,7 +43,7 @@ def test_end_to_end_writes_exactly_the_run_dir(trained_run: Path) -> None:
     assert len(preds) == 40 and set(preds[0]) == {"text", "label", "pred", "probs"}
     assert sum(preds[0]["probs"].values()) == pytest.approx(1.0, abs=1e-4)
     assert sum(p["label"] == p["pred"] for p in preds) / 40 == pytest.approx(test["accuracy"])
-    first_test_text = (Path(meta["config"]["data"]["data_dir"]) / "test.jsonl").read_text().splitlines()[0]
+    first_test_text = (toy_data / "test.jsonl").read_text().splitlines()[0]
     assert preds[0]["text"] == json.loads(first_test_text)["text"], "predictions are in file order"
 
 

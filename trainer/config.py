@@ -22,6 +22,9 @@ import yaml
 
 DATA_DIR_ENV = "LORASHIP_DATA_DIR"
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
+_BOOL_WORDS_FALSE = ("no", "off", "false")
+_BOOL_WORDS_TRUE = ("yes", "on", "true")
+_BOOL_WORDS = _BOOL_WORDS_FALSE + _BOOL_WORDS_TRUE
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -141,6 +144,13 @@ class OutputConfig:
     run_dir: str = field(default="runs/agnews_minilm", metadata={"doc": "Run directory (config, checkpoints, adapter, metrics)."})
     overwrite: bool = field(default=False, metadata={"doc": "Replace an existing run dir (otherwise it is an error unless resuming)."})
     tensorboard: bool = field(default=True, metadata={"doc": "Also log to TensorBoard under run_dir/tb when tensorboard is installed."})
+    embed_sample_texts: bool = field(
+        default=True,
+        metadata={
+            "doc": "Keep 32 validation texts in adapter/loraship.json for the export's parity checks. false: "
+            "the adapter holds no training text (the export then checks parity on --eval-file rows or generated texts)."
+        },
+    )
 
 
 @dataclass
@@ -173,7 +183,12 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     """Check `value` against the annotation `tp`; return it converted (int -> float) or append a problem."""
     origin = get_origin(tp)
     if origin is Literal:
-        if value in get_args(tp):
+        options = get_args(tp)
+        # YAML reads a bare no/off/false as False (yes/on/true as True): take them as the option meant.
+        if isinstance(value, bool) or (isinstance(value, str) and value.lower() in _BOOL_WORDS):
+            words = _BOOL_WORDS_TRUE if value is True or str(value).lower() in _BOOL_WORDS_TRUE else _BOOL_WORDS_FALSE
+            value = next((o for o in options if o in words), value)
+        if value in options:
             return value
         problems.append(f"{where}: got {value!r}; expected {_type_name(tp)}")
         return None
@@ -316,6 +331,20 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def shareable_config(cfg: Config) -> dict[str, Any]:
+    """The config for artifacts people share (the adapter, the export report): data files by name only,
+    no data dir or run dir paths."""
+    d = to_dict(cfg)
+    d["data"]["data_dir"] = ""
+    for split in ("train", "validation", "test"):
+        value = d["data"][split]
+        if value and not value.startswith("hub:"):
+            d["data"][split] = Path(value).name
+    d["output"]["run_dir"] = Path(d["output"]["run_dir"]).name
+    d["train"]["resume"] = ""
+    return d
 
 
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:

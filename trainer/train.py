@@ -7,6 +7,9 @@
 Writes the run dir: config.yaml (resolved), adapter/ (best adapter + head, tokenizer, labels),
 checkpoints/step_N (accelerate save_state, rotated), metrics.jsonl, summary.json and, with a test
 split, test_metrics.json and test_predictions.jsonl. `train.resume=latest` continues a stopped run.
+The run dir is locked (RUN/.lock) while a training runs: a second one on the same dir stops at once.
+
+Read `main()` for the outline and `fit()` for the loop.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from serve_cli.fsutil import OWNER_MARKER, OutputError, RunDirLock, is_owned, mark_owned
+from trainer import checkpoints
 from trainer.config import (
     Config,
     ConfigError,
@@ -35,7 +41,7 @@ from trainer.config import (
     load_config,
     resolve_data_path,
     save_config,
-    to_dict,
+    shareable_config,
 )
 from trainer.data import (
     DataError,
@@ -64,10 +70,10 @@ class TrainingError(RuntimeError):
 
 
 class TrainState:
-    """Loop position and early-stopping state; saved in every checkpoint by `register_for_checkpointing`."""
+    """Loop position and early-stopping state; saved as JSON in every checkpoint (no pickle)."""
 
     def __init__(self) -> None:
-        self.epoch = 0
+        self.epoch = 0  # completed epochs
         self.batches_in_epoch = 0  # batches consumed in the current epoch (for mid-epoch resume)
         self.global_step = 0  # optimizer steps
         self.best_metric: float | None = None
@@ -81,6 +87,37 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+@dataclass
+class Run:
+    """Everything the loop and its helpers share: one object instead of closures over main()'s locals."""
+
+    cfg: Config
+    accelerator: Any
+    run_dir: Path
+    mixed_precision: str
+    model: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    train_loader: Any = None
+    eval_loaders: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
+    labels: list[str] = field(default_factory=list)
+    splits: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    state: TrainState = field(default_factory=TrainState)
+    total_steps: int = 0
+    overhead: float = 0.0  # seconds spent evaluating and checkpointing inside the loop (not training)
+    launcher_pid: int | None = None  # parent pid of a launched worker; None when not launched
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -147,7 +184,10 @@ def make_loaders(
     collate = make_collate(pad_id, token_type_ids)
     train = encoded["train"]
     if train_cfg.group_by_length:
-        sampler: Any = LengthGroupedSampler(train.lengths(), train_cfg.batch_size * num_processes, train_cfg.seed)
+        # One group = one global batch (all processes, all accumulated micro-batches): 1 x 8, 2 x 4 and
+        # 1 x 4 x accum 2 then see the same rows in each optimizer step.
+        group = train_cfg.batch_size * num_processes * train_cfg.grad_accum
+        sampler: Any = LengthGroupedSampler(train.lengths(), group, train_cfg.seed)
     else:
         sampler = ShuffleSampler(len(train), train_cfg.seed)
     # Own generators: a DataLoader without one draws its base seed from the global RNG at every
@@ -194,34 +234,389 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
     return value < best if metric == "loss" else value > best
 
 
-def save_adapter(accelerator: Any, model: Any, tokenizer: Any, adapter_dir: Path, meta: dict[str, Any]) -> None:
-    """Adapter weights + head, tokenizer and label map; written by the main process only, atomically."""
-    state_dict = accelerator.get_state_dict(model)  # every rank joins: FSDP gathers shards here
-    if accelerator.is_main_process:
-        tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_adapter_meta(tmp, meta)
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        tmp.rename(adapter_dir)
-    accelerator.wait_for_everyone()
-
-
-def rotate_checkpoints(ckpt_root: Path, keep: int) -> None:
-    ckpts = sorted(ckpt_root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    ckpts = sorted(ckpt_root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return ckpts[-1] if ckpts else None
-
-
 def log_line(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def launched_by_accelerate() -> bool:
+    """Workers of `accelerate launch` / torchrun: their launcher is their parent process."""
+    return any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU"))
+
+
+# --- setup ---------------------------------------------------------------------------------------------
+
+
+def make_accelerator(cfg: Config, mixed_precision: str) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    # TensorBoard is an optional extra: log to it when it is installed.
+    use_tensorboard = cfg.output.tensorboard and importlib.util.find_spec("tensorboard") is not None
+    has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    accelerator = Accelerator(
+        # Without a GPU, several launched processes train on CPU over gloo (accelerate needs cpu=True for that).
+        cpu=not has_gpu,
+        log_with="tensorboard" if use_tensorboard else None,
+        project_dir=cfg.output.run_dir,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)],
+    )
+    set_seed(cfg.train.seed)
+    if accelerator.device.type == "cpu":
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+        torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // local))
+    accelerator.print(
+        f"mixed precision: {mixed_precision}; processes: {accelerator.num_processes}; device: {accelerator.device}; "
+        f"threads: {torch.get_num_threads()}"
+    )
+    return accelerator
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path) -> tuple[Path | None, list[str]]:
+    """Main process, holding the lock: decide fresh / overwrite / resume. Returns (checkpoint to resume, notes)."""
+    ckpt_root = run_dir / "checkpoints"
+    if cfg.train.resume:
+        found, notes = checkpoints.latest(ckpt_root) if cfg.train.resume == "latest" else (Path(cfg.train.resume), [])
+        if found is None or not (found / checkpoints.STATE_FILE).is_file():
+            raise TrainingError(f"train.resume={cfg.train.resume}: no complete checkpoint found (looked in {ckpt_root})")
+        checkpoints.remove_partials(ckpt_root)
+        return found, notes
+    content = [p for p in run_dir.iterdir() if p.name not in (".lock", OWNER_MARKER)]
+    if content and not cfg.output.overwrite:
+        raise TrainingError(
+            f"{run_dir}: run dir exists; pass train.resume=latest to continue it, output.overwrite=true to replace it, "
+            "or another output.run_dir"
+        )
+    if content and not is_owned(run_dir):
+        raise TrainingError(
+            f"{run_dir}: output.overwrite=true only replaces a run dir that loraship wrote (no {OWNER_MARKER} "
+            "marker in it); remove it yourself or choose another output.run_dir"
+        )
+    for p in content:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return None, []
+
+
+def claim_run_dir(cfg: Config, accelerator: Any) -> tuple[RunDirLock | None, Path | None]:
+    """Lock the run dir (main process), check it, write config.yaml; every rank learns the outcome."""
+    from accelerate.utils import broadcast_object_list
+
+    run_dir = Path(cfg.output.run_dir)
+    lock = None
+    outcome: list[Any] = [None, None]  # [error message, checkpoint to resume]
+    if accelerator.is_main_process:
+        try:
+            lock = RunDirLock(run_dir, "training").acquire()
+            if lock.stale_holder:
+                print(f"note: took over the stale lock of {lock.stale_holder} (it is no longer running)", file=sys.stderr)
+            resume_from, notes = _prepare_run_dir(cfg, run_dir)
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
+            mark_owned(run_dir, "run dir")
+            save_config(cfg, run_dir / "config.yaml")
+            outcome = [None, str(resume_from) if resume_from else None]
+        except (OutputError, TrainingError) as e:
+            outcome = [str(e), None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    if outcome[0]:
+        if lock is not None:
+            lock.release()
+        raise TrainingError(outcome[0])
+    return lock, Path(outcome[1]) if outcome[1] else None
+
+
+def load_data(run: Run) -> dict[str, EncodedDataset]:
+    """Read and tokenize every split; the main process goes first so errors surface once."""
+    from transformers import AutoTokenizer
+
+    cfg = run.cfg
+    with run.accelerator.main_process_first():
+        run.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code)
+        run.splits, run.labels, sample_texts = load_splits(cfg.data, cfg.train.seed)
+        encoded = {name: encode(run.tokenizer, texts, y, cfg.data.max_length) for name, (texts, y) in run.splits.items()}
+    run.accelerator.print(f"labels: {run.labels}; rows: " + ", ".join(f"{k}={len(v)}" for k, v in encoded.items()))
+    run.meta = {
+        "base_model": cfg.model.name_or_path,
+        "labels": run.labels,
+        "id2label": dict(enumerate(run.labels)),
+        "label2id": {n: i for i, n in enumerate(run.labels)},
+        "max_length": cfg.data.max_length,
+        "text_field": cfg.data.text_field,
+        "label_field": cfg.data.label_field,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        # Adapters are what people share: validation texts only when asked (parity checks use them), no data paths.
+        "sample_texts": sample_texts if cfg.output.embed_sample_texts else [],
+        "config": shareable_config(cfg),
+    }
+    return encoded
+
+
+def build_training(run: Run, encoded: dict[str, EncodedDataset]) -> None:
+    """Model with LoRA, AdamW (no decay on biases/LayerNorm), warmup + decay schedule, prepared loaders."""
+    from transformers import get_scheduler
+
+    cfg, accelerator = run.cfg, run.accelerator
+    model = build_model(cfg.model, cfg.lora, run.labels, cfg.train.seed)
+    accelerator.print(trainable_summary(model))
+    # DistilBERT-like models take no token_type_ids even when the tokenizer makes them.
+    takes_token_types = "token_type_ids" in inspect.signature(model.get_base_model().forward).parameters
+    loaders = make_loaders(encoded, cfg.train, run.tokenizer.pad_token_id, takes_token_types, accelerator.num_processes)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.train.lr,
+    )
+    per_epoch = steps_per_epoch(len(encoded["train"]), cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum)
+    run.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
+    # The prepared scheduler steps once per process for every optimizer step, hence the factor.
+    scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.train.scheduler == "constant" else cfg.train.scheduler,
+        optimizer,
+        num_warmup_steps=int(cfg.train.warmup_ratio * run.total_steps) * accelerator.num_processes,
+        num_training_steps=run.total_steps * accelerator.num_processes,
+    )
+    eval_names = [n for n in ("validation", "test") if n in loaders]
+    prepared = accelerator.prepare(model, optimizer, scheduler, loaders["train"], *[loaders[n] for n in eval_names])
+    run.model, run.optimizer, run.scheduler, run.train_loader = prepared[:4]
+    run.eval_loaders = dict(zip(eval_names, prepared[4:], strict=True))
+    if cfg.output.tensorboard and accelerator.log_with:
+        accelerator.init_trackers("tb")
+
+
+def restore(run: Run, resume_from: Path | None) -> None:
+    """Continue from a checkpoint (state, RNG, best adapter, metrics up to it), or evaluate the baseline."""
+    acc = run.accelerator
+    if resume_from is not None:
+        acc.load_state(str(resume_from))
+        run.state.load_state_dict(json.loads((resume_from / checkpoints.STATE_FILE).read_text()))
+        if acc.is_main_process:
+            if (resume_from / checkpoints.BEST_ADAPTER).is_dir():
+                shutil.rmtree(run.run_dir / "adapter", ignore_errors=True)
+                shutil.copytree(resume_from / checkpoints.BEST_ADAPTER, run.run_dir / "adapter")
+            # Lines a cut run wrote after its checkpoint are logged again by this run: drop them, no duplicates.
+            if run.metrics_path.is_file():
+                kept = [x for x in run.metrics_path.read_text().splitlines()
+                        if x.strip() and json.loads(x).get("step", 0) <= run.state.global_step and json.loads(x).get("event") != "end"]
+                run.metrics_path.write_text("".join(x + "\n" for x in kept))
+        acc.wait_for_everyone()
+        s = run.state
+        acc.print(f"resumed from {resume_from} at step {s.global_step} (epoch {s.epoch}, batch {s.batches_in_epoch})")
+    elif run.cfg.train.eval_baseline:
+        for name, loader in run.eval_loaders.items():
+            metrics, _, _ = evaluate(run.model, loader, acc, run.labels)
+            if acc.is_main_process:
+                log_line(run.metrics_path, {"event": "baseline", "split": name, **metrics})
+            acc.print(f"baseline (untrained) {name}: accuracy {metrics['accuracy']:.4f} f1_w {metrics['f1_weighted']:.4f}")
+    if launched_by_accelerate():
+        run.launcher_pid = os.getppid()
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+
+def fit(run: Run) -> float:
+    """The training loop. One place decides, after each optimizer step, whether to log, evaluate and save,
+    so a step that is an epoch end and also a multiple of eval_every/save_every is evaluated and saved once."""
+    from tqdm.auto import tqdm
+
+    cfg, acc, state = run.cfg.train, run.accelerator, run.state
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    model.train()
+    progress = tqdm(total=run.total_steps, initial=state.global_step, disable=not acc.is_local_main_process, desc="train")
+    interval = torch.zeros(2, device=acc.device)  # sum of micro-batch losses, count: the logged loss is their mean
+    start = time.perf_counter()
+    stop = False
+    while state.global_step < run.total_steps and not stop:
+        run.train_loader.set_epoch(state.epoch)
+        batches = acc.skip_first_batches(run.train_loader, state.batches_in_epoch) if state.batches_in_epoch else run.train_loader
+        for batch in batches:
+            batch.pop("index")
+            with acc.accumulate(model):
+                loss = model(**batch).loss
+                check_health(run, loss)  # a non-finite loss or a dead launcher stops every rank here
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            interval += torch.stack([loss.detach().float(), torch.ones((), device=acc.device)])
+            state.batches_in_epoch += 1
+            state.samples += len(batch["labels"]) * acc.num_processes
+            state.tokens += int(batch["attention_mask"].sum()) * acc.num_processes
+            if not acc.sync_gradients:
+                continue
+            state.global_step += 1
+            progress.update(1)
+            epoch_end = state.batches_in_epoch == len(run.train_loader)
+            if epoch_end:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            last = state.global_step >= run.total_steps
+            if state.global_step % cfg.log_every == 0:
+                log_train(run, interval, progress)
+                interval.zero_()
+            if epoch_end or last or every(state.global_step, cfg.eval_every):
+                stop = validate(run, "epoch_end" if epoch_end else "eval")
+            if epoch_end or last or stop or every(state.global_step, cfg.save_every):
+                save_checkpoint(run)
+            if stop or last:
+                break
+    progress.close()
+    return time.perf_counter() - start
+
+
+def every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+def check_health(run: Run, loss: torch.Tensor) -> None:
+    """Decided for all ranks at once (one tiny all-reduce), so no rank is left waiting in a collective."""
+    acc = run.accelerator
+    orphaned = run.launcher_pid is not None and os.getppid() != run.launcher_pid
+    flags = torch.tensor([float(not torch.isfinite(loss)), float(orphaned)], device=acc.device)
+    if acc.num_processes > 1:
+        flags = acc.reduce(flags, reduction="sum")
+    if flags[1] > 0:
+        raise TrainingError(
+            f"the launcher of this run is gone (parent pid {run.launcher_pid} exited); stopping at step "
+            f"{run.state.global_step} without writing a checkpoint. Continue with train.resume=latest"
+        )
+    if flags[0] > 0:
+        raise TrainingError(
+            f"non-finite loss at step {run.state.global_step + 1}; the last good checkpoint is in {run.ckpt_root} "
+            "(lower train.lr, or train.mixed_precision=no)"
+        )
+
+
+def log_train(run: Run, interval: torch.Tensor, progress: Any) -> None:
+    """Mean training loss over the logging interval, across ranks (every rank joins the reduce)."""
+    acc, state = run.accelerator, run.state
+    total = acc.reduce(interval.clone(), reduction="sum") if acc.num_processes > 1 else interval
+    loss = float(total[0] / total[1].clamp(min=1))
+    if acc.is_main_process:
+        lr = run.scheduler.get_last_lr()[0]
+        log_line(run.metrics_path, {"event": "train", "step": state.global_step, "epoch": state.epoch, "loss": loss, "lr": lr})
+        acc.log({"train/loss": loss, "train/lr": lr}, step=state.global_step)
+        progress.set_postfix(loss=f"{loss:.4f}")
+
+
+def validate(run: Run, kind: str) -> bool:
+    """Evaluate, save the adapter if best, and decide early stopping once for every rank. Returns: stop."""
+    t0 = time.perf_counter()
+    cfg, acc, state = run.cfg.train, run.accelerator, run.state
+    metrics, _, _ = evaluate(run.model, run.eval_loaders["validation"], acc, run.labels)
+    value = metrics[cfg.metric_for_best]
+    improved = is_better(value, state.best_metric, cfg.metric_for_best)
+    if improved:
+        state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
+        save_adapter(run, {"step": state.global_step, "validation": metrics})
+    else:
+        state.evals_without_improvement += 1
+    if acc.is_main_process:
+        record = {"event": kind, "step": state.global_step, "epoch": state.epoch, "best": improved, **{f"val_{k}": v for k, v in metrics.items()}}
+        log_line(run.metrics_path, record)
+        acc.log({f"val/{k}": metrics[k] for k in ("loss", "accuracy", "f1_weighted", "f1_macro")}, step=state.global_step)
+        if cfg.patience and state.evals_without_improvement >= cfg.patience:
+            acc.set_trigger()
+    run.overhead += time.perf_counter() - t0
+    acc.print(f"step {state.global_step}: val accuracy {metrics['accuracy']:.4f} f1_w {metrics['f1_weighted']:.4f} "
+              f"loss {metrics['loss']:.4f}" + (" (best)" if improved else ""))
+    stop = acc.check_trigger()
+    if stop:
+        acc.print(f"early stopping: no improvement in {cfg.patience} evaluations")
+    return stop
+
+
+def save_adapter(run: Run, extra: dict[str, Any]) -> None:
+    """Adapter weights + head, tokenizer and label map; written by the main process only, atomically."""
+    acc = run.accelerator
+    state_dict = acc.get_state_dict(run.model)  # every rank joins: FSDP gathers shards here
+    if acc.is_main_process:
+        adapter_dir = run.run_dir / "adapter"
+        tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        acc.unwrap_model(run.model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        run.tokenizer.save_pretrained(tmp)
+        write_adapter_meta(tmp, {**run.meta, **extra})
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        tmp.rename(adapter_dir)
+    acc.wait_for_everyone()
+
+
+def save_checkpoint(run: Run) -> None:
+    """Every rank saves its state into a partial dir; the main process completes it and renames it into place."""
+    t0 = time.perf_counter()
+    acc, step = run.accelerator, run.state.global_step
+    if acc.is_main_process:
+        run.ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(checkpoints.partial_dir(run.ckpt_root, step), ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(checkpoints.partial_dir(run.ckpt_root, step)))  # optimizer and RNG state are per process
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        checkpoints.finish(run.ckpt_root, step, run.state.state_dict(), run.run_dir / "adapter", run.cfg.train.keep_checkpoints)
+    acc.wait_for_everyone()
+    run.overhead += time.perf_counter() - t0
+
+
+# --- finish --------------------------------------------------------------------------------------------
+
+
+def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> dict[str, Any]:
+    """Evaluate the test split once with the best adapter; write test metrics, predictions and summary.json."""
+    acc, state, cfg = run.accelerator, run.state, run.cfg
+    train_seconds = elapsed - run.overhead
+    summary: dict[str, Any] = {
+        "steps": state.global_step,
+        "best_step": state.best_step,
+        f"best_val_{cfg.train.metric_for_best}": state.best_metric,
+        # Wall time of the loop (with evaluation and checkpoints); throughput over training steps only.
+        "train_seconds": elapsed,
+        "eval_and_checkpoint_seconds": run.overhead,
+        "samples": state.samples - start_samples,
+        "samples_per_second": (state.samples - start_samples) / train_seconds if train_seconds > 0 else None,
+        "tokens_per_second": (state.tokens - start_tokens) / train_seconds if train_seconds > 0 else None,
+        "mixed_precision": run.mixed_precision,
+        "num_processes": acc.num_processes,
+        "labels": run.labels,
+    }
+    if "test" in run.eval_loaders:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(acc.unwrap_model(run.model), load_file(str(run.run_dir / "adapter" / "adapter_model.safetensors")))
+        metrics, probs, index = evaluate(run.model, run.eval_loaders["test"], acc, run.labels, detailed=True)
+        summary["test_accuracy"] = metrics["accuracy"]
+        summary["test_f1_weighted"] = metrics["f1_weighted"]
+        summary["test_f1_macro"] = metrics["f1_macro"]
+        if acc.is_main_process:
+            (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+            write_predictions(run.run_dir / "test_predictions.jsonl", run.splits["test"], run.labels, probs, index)
+        acc.print(f"test: accuracy {metrics['accuracy']:.4f} f1_weighted {metrics['f1_weighted']:.4f} ({metrics['rows']} rows)")
+    if acc.is_main_process:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log_line(run.metrics_path, {"event": "end", **summary})
+    rate = summary["samples_per_second"]
+    acc.print(f"done in {elapsed:.0f}s" + (f" ({rate:.1f} samples/s)" if rate else "") + f"; run dir: {run.run_dir}")
+    acc.end_training()
+    return summary
+
+
+def write_predictions(path: Path, split: tuple[list[str], list[int]], labels: list[str], probs: np.ndarray, index: np.ndarray) -> None:
+    texts, y = split
+    with path.open("w", encoding="utf-8") as f:
+        for row in np.argsort(index):  # evaluation ran in length order; write in file order
+            i = int(index[row])
+            f.write(json.dumps({
+                "text": texts[i],
+                "label": labels[y[i]],
+                "pred": labels[int(probs[row].argmax())],
+                "probs": {name: round(float(p), 6) for name, p in zip(labels, probs[row], strict=True)},
+            }) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,268 +627,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    lock = None
     try:
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
-        from tqdm.auto import tqdm
-        from transformers import AutoTokenizer, get_scheduler
-
-        run_dir = Path(cfg.output.run_dir)
-        # TensorBoard is an optional extra: log to it when it is installed.
-        use_tensorboard = cfg.output.tensorboard and importlib.util.find_spec("tensorboard") is not None
-        has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-        accelerator = Accelerator(
-            # Without a GPU, several launched processes train on CPU over gloo (accelerate needs cpu=True for that).
-            cpu=not has_gpu,
-            log_with="tensorboard" if use_tensorboard else None,
-            project_dir=str(run_dir),
-            mixed_precision=mixed_precision,
-            gradient_accumulation_steps=cfg.train.grad_accum,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)],
-        )
-        say = accelerator.print
-        ckpt_root = run_dir / "checkpoints"
-
-        # --- run dir: never overwrite silently; every rank decides the same before rank 0 writes anything.
-        resume_from: Path | None = None
-        if cfg.train.resume:
-            resume_from = latest_checkpoint(ckpt_root) if cfg.train.resume == "latest" else Path(cfg.train.resume)
-            if resume_from is None or not (resume_from / "train_state.json").is_file():
-                raise TrainingError(f"train.resume={cfg.train.resume}: no checkpoint found (looked in {ckpt_root})")
-        elif run_dir.exists() and any(run_dir.iterdir()) and not cfg.output.overwrite:
-            raise TrainingError(
-                f"{run_dir}: run dir exists; pass train.resume=latest to continue it, output.overwrite=true to replace it, "
-                "or another output.run_dir"
-            )
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if cfg.output.overwrite and not cfg.train.resume:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-        accelerator.wait_for_everyone()
-        metrics_path = run_dir / "metrics.jsonl"
-
-        set_seed(cfg.train.seed)
-        if accelerator.device.type == "cpu":
-            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
-            torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // local))
-        say(
-            f"mixed precision: {mixed_precision}; processes: {accelerator.num_processes}; device: {accelerator.device}; "
-            f"threads: {torch.get_num_threads()}"
-        )
-
-        # --- data: the main process reads and tokenizes first so caches and errors surface once.
-        model_path = resolve_model_path(cfg.model.name_or_path)
-        with accelerator.main_process_first():
-            tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-            splits, labels, sample_texts = load_splits(cfg.data, cfg.train.seed)
-            encoded = {name: encode(tokenizer, texts, y, cfg.data.max_length) for name, (texts, y) in splits.items()}
-        say(f"labels: {labels}; rows: " + ", ".join(f"{k}={len(v)}" for k, v in encoded.items()))
-
-        # --- model, optimizer, schedule
-        model = build_model(cfg.model, cfg.lora, labels, cfg.train.seed)
-        say(trainable_summary(model))
-        # DistilBERT-like models take no token_type_ids even when the tokenizer makes them.
-        takes_token_types = "token_type_ids" in inspect.signature(model.get_base_model().forward).parameters
-        loaders = make_loaders(encoded, cfg.train, tokenizer.pad_token_id, takes_token_types, accelerator.num_processes)
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.train.lr,
-        )
-        per_epoch = steps_per_epoch(len(encoded["train"]), cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum)
-        total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
-        num_epochs = math.ceil(total_steps / per_epoch)
-        # The prepared scheduler steps once per process for every optimizer step, hence the factor.
-        scheduler = get_scheduler(
-            "constant_with_warmup" if cfg.train.scheduler == "constant" else cfg.train.scheduler,
-            optimizer,
-            num_warmup_steps=int(cfg.train.warmup_ratio * total_steps) * accelerator.num_processes,
-            num_training_steps=total_steps * accelerator.num_processes,
-        )
-        eval_names = [n for n in ("validation", "test") if n in loaders]
-        prepared = accelerator.prepare(model, optimizer, scheduler, loaders["train"], *[loaders[n] for n in eval_names])
-        model, optimizer, scheduler, train_loader = prepared[:4]
-        eval_loaders = dict(zip(eval_names, prepared[4:], strict=True))
-        state = TrainState()  # saved beside each checkpoint as JSON (no pickle)
-
-        meta = {
-            "base_model": cfg.model.name_or_path,
-            "labels": labels,
-            "id2label": dict(enumerate(labels)),
-            "label2id": {n: i for i, n in enumerate(labels)},
-            "max_length": cfg.data.max_length,
-            "text_field": cfg.data.text_field,
-            "label_field": cfg.data.label_field,
-            "trust_remote_code": cfg.model.trust_remote_code,
-            "sample_texts": sample_texts,
-            "config": to_dict(cfg),
-        }
-
-        overhead = [0.0]  # seconds spent evaluating and checkpointing inside the loop (not training)
-
-        def save_checkpoint() -> None:
-            t0 = time.perf_counter()
-            path = ckpt_root / f"step_{state.global_step}"
-            accelerator.save_state(str(path))  # every rank: optimizer and RNG state are per process
-            if accelerator.is_main_process:
-                (path / "train_state.json").write_text(json.dumps(state.state_dict()))
-                # The best adapter so far travels with the checkpoint: a resumed run restores it with the state.
-                if (run_dir / "adapter").is_dir():
-                    shutil.copytree(run_dir / "adapter", path / "best_adapter")
-                rotate_checkpoints(ckpt_root, cfg.train.keep_checkpoints)
-            accelerator.wait_for_everyone()
-            overhead[0] += time.perf_counter() - t0
-
-        def run_validation(kind: str) -> None:
-            """Evaluate, save the adapter if best, and decide early stopping once for every rank."""
-            t0 = time.perf_counter()
-            metrics, _, _ = evaluate(model, eval_loaders["validation"], accelerator, labels)
-            value = metrics[cfg.train.metric_for_best]
-            improved = is_better(value, state.best_metric, cfg.train.metric_for_best)
-            if improved:
-                state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
-                save_adapter(accelerator, model, tokenizer, run_dir / "adapter", {**meta, "step": state.global_step, "validation": metrics})
-            else:
-                state.evals_without_improvement += 1
-            record = {"event": kind, "step": state.global_step, "epoch": state.epoch, "best": improved, **{f"val_{k}": v for k, v in metrics.items()}}
-            if accelerator.is_main_process:
-                log_line(metrics_path, record)
-                accelerator.log({f"val/{k}": metrics[k] for k in ("loss", "accuracy", "f1_weighted", "f1_macro")}, step=state.global_step)
-                if cfg.train.patience and state.evals_without_improvement >= cfg.train.patience:
-                    accelerator.set_trigger()
-            overhead[0] += time.perf_counter() - t0
-            say(f"step {state.global_step}: val accuracy {metrics['accuracy']:.4f} f1_w {metrics['f1_weighted']:.4f} loss {metrics['loss']:.4f}" + (" (best)" if improved else ""))
-
-        if use_tensorboard:
-            accelerator.init_trackers("tb")
-
-        if resume_from is not None:
-            accelerator.load_state(str(resume_from))
-            state.load_state_dict(json.loads((resume_from / "train_state.json").read_text()))
-            if accelerator.is_main_process and (resume_from / "best_adapter").is_dir():
-                shutil.rmtree(run_dir / "adapter", ignore_errors=True)
-                shutil.copytree(resume_from / "best_adapter", run_dir / "adapter")
-            accelerator.wait_for_everyone()
-            say(f"resumed from {resume_from} at step {state.global_step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
-        elif cfg.train.eval_baseline:
-            for name, loader in eval_loaders.items():
-                metrics, _, _ = evaluate(model, loader, accelerator, labels)
-                if accelerator.is_main_process:
-                    log_line(metrics_path, {"event": "baseline", "split": name, **metrics})
-                say(f"baseline (untrained) {name}: accuracy {metrics['accuracy']:.4f} f1_w {metrics['f1_weighted']:.4f}")
-
-        # --- the loop
-        model.train()
-        progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process, desc="train")
-        start = time.perf_counter()
-        start_samples, start_tokens = state.samples, state.tokens
-        stop = state.global_step >= total_steps
-        while state.epoch < num_epochs and not stop:
-            train_loader.set_epoch(state.epoch)
-            loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
-            for batch in loader:
-                batch.pop("index")
-                with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    # A non-finite loss on any rank stops every rank before the weights are touched.
-                    if not torch.isfinite(loss):
-                        accelerator.set_trigger()
-                    if accelerator.check_trigger():
-                        raise TrainingError(
-                            f"non-finite loss at step {state.global_step + 1}; the last good checkpoint is in {ckpt_root} "
-                            "(lower train.lr, or train.mixed_precision=no)"
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                state.batches_in_epoch += 1
-                state.samples += len(batch["labels"]) * accelerator.num_processes
-                state.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-                if not accelerator.sync_gradients:
-                    continue
-                state.global_step += 1
-                progress.update(1)
-                if state.global_step % cfg.train.log_every == 0 and accelerator.is_main_process:
-                    lr = scheduler.get_last_lr()[0]
-                    log_line(metrics_path, {"event": "train", "step": state.global_step, "epoch": state.epoch, "loss": loss.item(), "lr": lr})
-                    accelerator.log({"train/loss": loss.item(), "train/lr": lr}, step=state.global_step)
-                    progress.set_postfix(loss=f"{loss.item():.4f}")
-                last_step = state.global_step >= total_steps
-                if cfg.train.eval_every and state.global_step % cfg.train.eval_every == 0 and not last_step:
-                    run_validation("eval")
-                    if accelerator.check_trigger():
-                        say(f"early stopping: no improvement in {cfg.train.patience} evaluations")
-                        stop = True
-                if cfg.train.save_every and state.global_step % cfg.train.save_every == 0 and not last_step:
-                    save_checkpoint()
-                if stop or last_step:
-                    break
-            if not stop:
-                state.epoch += 1
-                state.batches_in_epoch = 0
-                run_validation("epoch_end")
-                if accelerator.check_trigger():
-                    say(f"early stopping: no improvement in {cfg.train.patience} evaluations")
-                    stop = True
-                save_checkpoint()
-                stop = stop or state.global_step >= total_steps
-        progress.close()
-        elapsed = time.perf_counter() - start
-
-        # --- test split: once, with the best adapter
-        summary: dict[str, Any] = {
-            "steps": state.global_step,
-            "best_step": state.best_step,
-            f"best_val_{cfg.train.metric_for_best}": state.best_metric,
-            # Wall time of the loop (with evaluation and checkpoints); throughput over training steps only.
-            "train_seconds": elapsed,
-            "eval_and_checkpoint_seconds": overhead[0],
-            "samples": state.samples - start_samples,
-            "samples_per_second": (state.samples - start_samples) / (elapsed - overhead[0]) if elapsed > overhead[0] else None,
-            "tokens_per_second": (state.tokens - start_tokens) / (elapsed - overhead[0]) if elapsed > overhead[0] else None,
-            "mixed_precision": mixed_precision,
-            "num_processes": accelerator.num_processes,
-            "labels": labels,
-        }
-        if "test" in eval_loaders:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(str(run_dir / "adapter" / "adapter_model.safetensors")))
-            metrics, probs, index = evaluate(model, eval_loaders["test"], accelerator, labels, detailed=True)
-            summary["test_accuracy"] = metrics["accuracy"]
-            summary["test_f1_weighted"] = metrics["f1_weighted"]
-            if accelerator.is_main_process:
-                (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
-                texts, y = splits["test"]
-                with (run_dir / "test_predictions.jsonl").open("w", encoding="utf-8") as f:
-                    for row in np.argsort(index):
-                        i = int(index[row])
-                        f.write(json.dumps({
-                            "text": texts[i],
-                            "label": labels[y[i]],
-                            "pred": labels[int(probs[row].argmax())],
-                            "probs": {name: round(float(p), 6) for name, p in zip(labels, probs[row], strict=True)},
-                        }) + "\n")
-            say(f"test: accuracy {metrics['accuracy']:.4f} f1_weighted {metrics['f1_weighted']:.4f} ({metrics['rows']} rows)")
-        if accelerator.is_main_process:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            log_line(metrics_path, {"event": "end", **summary})
-        say(f"done in {elapsed:.0f}s ({summary['samples_per_second']:.1f} samples/s); run dir: {run_dir}")
-        accelerator.end_training()
+        # setup
+        accelerator = make_accelerator(cfg, mixed_precision)
+        lock, resume_from = claim_run_dir(cfg, accelerator)
+        run = Run(cfg, accelerator, Path(cfg.output.run_dir), mixed_precision)
+        build_training(run, load_data(run))
+        restore(run, resume_from)
+        # loop
+        start_samples, start_tokens = run.state.samples, run.state.tokens
+        elapsed = fit(run)
+        # finish
+        finish(run, elapsed, start_samples, start_tokens)
         return 0
     except (DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        if lock is not None:
+            lock.release()
         # Accelerate keeps process-wide singletons; reset them so main() can run again in one process (tests).
         from accelerate.state import AcceleratorState, GradientState
 
