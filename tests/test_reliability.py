@@ -243,3 +243,33 @@ def test_sigkill_trials(uninterrupted: Path, tiny_bert: Path, toy_data: Path, tm
     cut = tmp_path / "cut"
     kill_at_step(train_cmd(tiny_bert, toy_data, cut), cut, step)
     assert_resumes_to(uninterrupted, cut, tiny_bert, toy_data)
+
+
+# --- one run dir, one training ---------------------------------------------------------------------
+
+
+def test_second_training_on_a_locked_run_dir_fails_and_the_first_is_unharmed(tiny_bert: Path, toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    first = subprocess.Popen(train_cmd(tiny_bert, toy_data, run, "train.epochs=12"), env=_env(), cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").is_file() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.01)
+    assert first.poll() is None
+    for extra in ((), ("train.resume=latest",), ("output.overwrite=true",)):
+        assert main(tiny_args(tiny_bert, toy_data, run, *extra)) == 1
+        err = capsys.readouterr().err
+        assert "in use by another loraship process" in err and f"pid {first.pid} " in err, err
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 180
+    assert [e["step"] for e in events(run, "train")] == list(range(1, 181))
+    assert not (run / ".lock").exists(), "the lock is released at the end"
+
+
+def test_stale_lock_of_a_killed_run_is_taken_over(tiny_bert: Path, toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    cut = kill_at_step(train_cmd(tiny_bert, toy_data, run), run, 5)
+    assert cut >= 5 and (run / ".lock").is_file(), "a SIGKILLed run leaves its lock file behind"
+    holder = json.loads((run / ".lock").read_text())
+    assert main(tiny_args(tiny_bert, toy_data, run, *KILL_ARGS, "train.resume=latest")) == 0
+    assert f"took over the stale lock of pid {holder['pid']}" in capsys.readouterr().err
