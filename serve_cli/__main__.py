@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from serve_cli.fsutil import OutputError, atomic_dir, check_not_locked, check_replaceable
 from serve_cli.io import FORMATS, AtomicOutput, InputError, Row, RowError, read_rows
 from serve_cli.runtime import VARIANT_FILES, ModelDirError, OnnxClassifier, read_model_dir, softmax
 
@@ -41,28 +40,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve_cli", description="Predict and evaluate with an exported ONNX text classifier.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def positive(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+        return value
+
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", required=True, help="ONNX dir written by python -m export.to_onnx")
         sp.add_argument("--input", required=True, help="input file, or - for stdin")
         sp.add_argument("--format", choices=FORMATS, default="auto", help="input format (auto: by extension)")
         sp.add_argument("--text-field", default="text", help="field/column holding the text")
         sp.add_argument("--variant", choices=sorted(VARIANT_FILES), help="model variant (default: the export's default)")
-        sp.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+        sp.add_argument("--batch-size", type=positive, default=DEFAULT_BATCH_SIZE,
                         help="rows per ONNX run (int8 results depend slightly on batching: activation scales are per batch)")
         sp.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores)")
         sp.add_argument("--max-length", type=int, default=0, help="truncate to N tokens (0 = the training max_length)")
         sp.add_argument("--on-error", choices=("fail", "skip", "record"), default="fail",
                         help="bad rows: stop (default), skip with a message, or record in an errors file")
-        sp.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        sp.add_argument("--errors-file", help="with --on-error record: where bad rows go "
+                        "(default: OUTPUT.errors.jsonl for predict, REPORT_DIR/errors.jsonl for eval)")
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing output (only one serve_cli wrote, for dirs)")
         sp.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
 
     pr = sub.add_parser("predict", help="predict labels for every row of a file")
     common(pr)
     pr.add_argument("--output", default="-", help="output file (JSONL or CSV by extension), or - for stdout")
-    pr.add_argument("--output-format", choices=("auto", "jsonl", "csv"), default="auto")
+    pr.add_argument("--output-format", choices=("auto", "jsonl", "csv", "tsv"), default="auto")
     pr.add_argument("--id-field", help="field/column used as the row id (default: the line number)")
     pr.add_argument("--top-k", type=int, default=3, help="labels with probabilities per row")
-    pr.add_argument("--errors-file", help="with --on-error record: where bad rows go (default: OUTPUT.errors.jsonl)")
 
     ev = sub.add_parser("eval", help="accuracy, F1, per-class report and confusion matrix on a labeled file")
     common(ev)
@@ -77,7 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     inf = sub.add_parser("info", help="labels, variants and export report summary of an ONNX dir")
     inf.add_argument("--model", required=True)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if getattr(args, "errors_file", None) and args.on_error != "record":
+        p.error("--errors-file needs --on-error record (bad rows are only written to a file when recorded)")
+    return args
 
 
 class Progress:
@@ -145,7 +154,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     k = max(1, min(args.top_k, len(clf.labels)))
     out_fmt = args.output_format
     if out_fmt == "auto":
-        out_fmt = "csv" if args.output != "-" and args.output.lower().endswith((".csv", ".tsv")) else "jsonl"
+        suffix = Path(args.output).suffix.lower().lstrip(".") if args.output != "-" else ""
+        out_fmt = suffix if suffix in ("csv", "tsv") else "jsonl"
     errors_path = None
     if args.on_error == "record":
         errors_path = args.errors_file or (f"{args.output}.errors.jsonl" if args.output != "-" else "-")
@@ -156,10 +166,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         err_out = AtomicOutput(errors_path, args.overwrite) if errors_path and errors_path != "-" else None
         _, rows = read_rows(args.input, args.format, args.text_field, args.id_field)
         writer = None
-        if out_fmt == "csv":
+        if out_fmt in ("csv", "tsv"):
             import csv
 
-            writer = csv.writer(out.f)
+            writer = csv.writer(out.f, delimiter="\t" if out_fmt == "tsv" else ",")
             writer.writerow(["id", "label", "score"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "score")])
         n_ok = n_err = 0
         progress = Progress(not args.quiet)
@@ -271,10 +281,48 @@ def load_metric(name: str) -> Any:
                          "or the path of a local metric script") from e
 
 
+def label_id(raw: Any, label2id: dict[str, int]) -> int | None:
+    """A label by name, or an integer that indexes the names (hub AG News stores 0..3); None if unknown."""
+    if str(raw) in label2id:
+        return label2id[str(raw)]
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < len(label2id):
+        return raw
+    return None
+
+
+def read_labeled(args: argparse.Namespace, labels: list[str]) -> tuple[list[str], list[int], list[dict[str, Any]], int]:
+    """(texts, label ids, bad rows, rows with unknown labels) of the eval input."""
+    label2id = {n: i for i, n in enumerate(labels)}
+    _, rows_iter = read_rows(args.input, args.format, args.text_field, label_field=args.label_field)
+    texts: list[str] = []
+    y: list[int] = []
+    errors: list[dict[str, Any]] = []
+    unknown = 0
+    for item in fail_fast(rows_iter, args.input, args.on_error):
+        if isinstance(item, RowError):
+            errors.append({"line": item.line, "error": item.message})
+            if not args.quiet and args.on_error == "skip":
+                print(f"{args.input}:{item.line}: {item.message}", file=sys.stderr)
+            continue
+        target = label_id(item.label, label2id)
+        if target is None:
+            if args.unknown_labels == "error":
+                raise RowFailure(f"{args.input}:{item.line}: label {str(item.label)!r} is not one the model knows "
+                                 f"({', '.join(labels)}); --unknown-labels count leaves such rows out")
+            unknown += 1
+            continue
+        texts.append(item.text)
+        y.append(target)
+    if not texts:
+        raise InputError(f"{args.input}: no labeled rows to evaluate")
+    return texts, y, errors, unknown
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     report_dir = Path(args.report_dir)
-    if report_dir.exists() and not args.overwrite:
-        raise InputError(f"{report_dir}: report dir exists; pass --overwrite to replace it")
+    # Refuse before any work: an existing report dir needs --overwrite and must be one serve_cli wrote.
+    check_replaceable(report_dir, args.overwrite, "--overwrite")
+    check_not_locked(report_dir)
     specs = [(args.model, args.variant)] + [parse_model_spec(s) for s in args.compare]
     models = [OnnxClassifier(path, variant=v, threads=args.threads or None, max_length=args.max_length or None) for path, v in specs]
     metrics = [(name, load_metric(name)) for name in args.metric]
@@ -282,40 +330,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for m in models[1:]:
         if m.labels != labels:
             raise InputError(f"{m.model_dir}: labels {m.labels} differ from {labels}; compare models of one label set")
-    label2id = {n: i for i, n in enumerate(labels)}
-
-    _, rows_iter = read_rows(args.input, args.format, args.text_field, label_field=args.label_field)
-    texts: list[str] = []
-    y: list[int] = []
-    n_err = unknown = 0
-    for item in fail_fast(rows_iter, args.input, args.on_error):
-        if isinstance(item, RowError):
-            n_err += 1
-            if not args.quiet:
-                print(f"{args.input}:{item.line}: {item.message}", file=sys.stderr)
-            continue
-        key = str(item.label)
-        if key not in label2id:
-            if args.unknown_labels == "error":
-                raise RowFailure(f"{args.input}:{item.line}: label {key!r} is not one the model knows ({', '.join(labels)}); "
-                                 "--unknown-labels count leaves such rows out")
-            unknown += 1
-            continue
-        texts.append(item.text)
-        y.append(label2id[key])
-    if not texts:
-        raise InputError(f"{args.input}: no labeled rows to evaluate")
+    texts, y, errors, unknown = read_labeled(args, labels)
     y_arr = np.array(y)
 
     results = [evaluate_model(m, texts, y_arr, args.batch_size) for m in models]
     main_result = results[0]["report"]
-    main_result["row_errors"] = n_err
+    main_result["row_errors"] = len(errors)
     main_result["unknown_labels"] = unknown
     pred = results[0]["probs"].argmax(-1)
     extra = {name: m.compute(predictions=pred.tolist(), references=y_arr.tolist()) for name, m in metrics}
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}-", dir=report_dir.parent if report_dir.parent.exists() else None))
-    try:
+    errors_out = AtomicOutput(args.errors_file, args.overwrite) if args.on_error == "record" and args.errors_file else None
+    with atomic_dir(report_dir, args.overwrite, "--overwrite", "serve_cli eval report") as tmp:
         table = [r["report"] for r in results]
         (tmp / "metrics.json").write_text(json.dumps({**main_result, "extra_metrics": extra,
                                                       "compare": [{k: r[k] for k in ("model", "variant", "accuracy", "f1_weighted", "f1_macro", "rows_per_second", "bytes")} for r in table]}, indent=2))
@@ -326,16 +352,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f.write(json.dumps({"text": text, "true": labels[t], "pred": labels[int(p.argmax())],
                                     "probs": {n: round(float(v), 6) for n, v in zip(labels, p, strict=True)}}, ensure_ascii=False) + "\n")
         (tmp / "report.md").write_text(markdown_report(main_result, table, extra, args.input, unknown))
-        if report_dir.exists():
-            shutil.rmtree(report_dir)
-        tmp.rename(report_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.on_error == "record":
+            out = errors_out.f if errors_out is not None else (tmp / "errors.jsonl").open("w", encoding="utf-8")
+            out.write("".join(json.dumps(e) + "\n" for e in errors))
+            if errors_out is None:
+                out.close()
+    if errors_out is not None:
+        errors_out.commit()
     if not args.quiet:
         for r in results:
             rep = r["report"]
             print(f"{rep['model']} ({rep['variant']}): accuracy {rep['accuracy']:.4f}, weighted F1 {rep['f1_weighted']:.4f}, "
                   f"macro F1 {rep['f1_macro']:.4f}, {rep['rows_per_second']:.0f} rows/s", file=sys.stderr)
+        if errors:
+            print(f"{len(errors)} bad rows" + (f": {args.errors_file or report_dir / 'errors.jsonl'}" if args.on_error == "record" else " skipped"), file=sys.stderr)
         print(f"report: {report_dir}/report.md", file=sys.stderr)
     return 0
 
@@ -370,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return cmd_eval(args)
         return cmd_info(args)
-    except (InputError, ModelDirError, RowFailure) as e:
+    except (InputError, ModelDirError, OutputError, RowFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from serve_cli.fsutil import check_not_locked, public_mode
+
 FORMATS = ("auto", "jsonl", "csv", "tsv", "txt")
+BOM = "\ufeff"  # UTF-8 byte-order mark: Excel's CSV and some JSONL exports start with it
 
 
 class InputError(ValueError):
@@ -94,6 +97,9 @@ def read_rows(
     source = _Peekable(open_binary(path))
     fmt = detect_format(path, fmt, source.first)
     if fmt == "jsonl":
+        if source.first.decode("utf-8", errors="replace").removeprefix(BOM).lstrip().startswith("["):
+            raise InputError(f"{path}: a JSON array; serve_cli streams JSON Lines (one object per line). "
+                             f"Convert it with: jq -c '.[]' {path} > {Path(path).stem}.jsonl")
         return fmt, _jsonl(source, text_field, id_field, label_field)
     if fmt in ("csv", "tsv"):
         return fmt, _csv(path, source, "\t" if fmt == "tsv" else ",", text_field, id_field, label_field)
@@ -104,7 +110,8 @@ def read_rows(
 
 def _decode(raw: bytes, lineno: int) -> tuple[str | None, RowError | None]:
     try:
-        return raw.decode("utf-8"), None
+        text = raw.decode("utf-8")
+        return (text.removeprefix(BOM) if lineno == 1 else text), None
     except UnicodeDecodeError as e:
         return None, RowError(lineno, f"invalid UTF-8 ({e.reason} at byte {e.start})")
 
@@ -213,7 +220,11 @@ class AtomicOutput:
             raise InputError(f"{path}: output exists; pass --overwrite to replace it")
         if not target.parent.is_dir():
             raise InputError(f"{target.parent}: output directory not found")
+        if target.is_dir():
+            raise InputError(f"{path}: is a directory; give a file name")
+        check_not_locked(target)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        public_mode(Path(self.tmp))  # mkstemp's 0600 would keep everyone else (a service user) out
         self.f = open(fd, "w", encoding="utf-8", newline="")
 
     def commit(self) -> None:

@@ -70,3 +70,19 @@ def test_every_field_has_a_doc() -> None:
     rows = field_docs()
     assert len(rows) > 30
     assert all(doc for _, _, _, doc in rows)
+
+
+@pytest.mark.parametrize("word", ["no", "off", "false", "No", "'no'"])
+def test_mixed_precision_no_off_false_on_the_command_line(word: str) -> None:
+    # YAML reads a bare `no` as False; the fp16 error message tells users to write exactly that.
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"train.mixed_precision={word}"])
+    assert cfg.train.mixed_precision == "no"
+
+
+def test_literal_fields_take_yaml_booleans_in_files(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train: x.jsonl}\ntrain: {mixed_precision: no}\nmodel: {base_dropout: off}\n")
+    cfg = load_config(path)
+    assert cfg.train.mixed_precision == "no" and cfg.model.base_dropout == "off"
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision: got True"):
+        load_config(path, ["train.mixed_precision=yes"])

@@ -108,3 +108,43 @@ def test_length_grouped_sampler_groups_and_covers() -> None:
     shuffled = list(range(1000))
     rng.shuffle(shuffled)
     assert waste(order) < 0.25 * waste(shuffled)
+
+
+def test_integer_labels_index_the_given_names(tmp_path: Path) -> None:
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 3}\n{"text": "c", "label": 4}\n')
+    rows = load_rows(str(p), "text", "label")
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    assert label_names(rows, names) == names
+    with pytest.raises(DataError, match=r"d.jsonl:3: label '4' is not one the model knows.*0..3"):
+        encode_labels(rows, {n: i for i, n in enumerate(names)})
+    p.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 3}\n{"text": "c", "label": "Sports"}\n')
+    assert encode_labels(load_rows(str(p), "text", "label"), {n: i for i, n in enumerate(names)}) == [0, 3, 1]
+
+
+def test_class_label_names_come_from_the_dataset(tmp_path: Path) -> None:
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    datasets.Dataset.from_dict({"text": ["bad", "good", "fine"], "label": [0, 1, 1]}, features=features).to_parquet(str(tmp_path / "d.parquet"))
+    rows = load_rows(str(tmp_path / "d.parquet"), "text", "label")
+    assert rows.labels == ["neg", "pos", "pos"]
+
+
+def test_byte_order_mark_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "a b", "label": "x"}\n{"text": "c", "label": "y"}\n')
+    assert load_rows(str(tmp_path / "d.jsonl"), "text", "label").texts == ["a b", "c"]
+    (tmp_path / "d.csv").write_bytes(b"\xef\xbb\xbftext,label\nhello,x\nworld,y\n")
+    assert load_rows(str(tmp_path / "d.csv"), "text", "label").texts == ["hello", "world"]
+
+
+def test_json_array_file(tmp_path: Path) -> None:
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps([{"text": "a b", "label": "x"}, {"text": "c", "label": "y"}], indent=2))
+    rows = load_rows(str(p), "text", "label")
+    assert rows.texts == ["a b", "c"] and rows.labels == ["x", "y"]
+    p.write_text(json.dumps([{"text": "a b", "label": "x"}, {"label": "y"}]))
+    with pytest.raises(DataError, match=r"d.json item 2: missing field 'text'"):
+        load_rows(str(p), "text", "label")
+    p.write_text('{"text": "a b", "label": "x"}\n{"text": "c", "label": "y"}\n')  # JSON Lines named .json
+    assert load_rows(str(p), "text", "label").texts == ["a b", "c"]

@@ -222,7 +222,7 @@ def test_eval_report_matches_sklearn_and_compares_variants(exported: Path, toy_d
     rep = tmp_path / "report"
     assert main(["eval", "--model", str(exported), "--input", str(toy_data / "test.jsonl"), "--report-dir", str(rep),
                  "--variant", "int8", "--compare", f"{exported}@fp32", "--metric", str(metric), "--quiet"]) == 0
-    assert sorted(p.name for p in rep.iterdir()) == ["confusion_matrix.json", "confusion_matrix.png", "metrics.json", "predictions.jsonl", "report.md"]
+    assert sorted(p.name for p in rep.iterdir()) == [".loraship", "confusion_matrix.json", "confusion_matrix.png", "metrics.json", "predictions.jsonl", "report.md"]
     assert (rep / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     m = json.loads((rep / "metrics.json").read_text())
     preds = read_jsonl(rep / "predictions.jsonl")
@@ -263,3 +263,123 @@ def test_info(exported: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--model", str(exported)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["labels"] == LABELS and set(info["variants"]) == {"fp32", "int8"} and info["max_length"] == 32
+
+
+# --- off the default path --------------------------------------------------------------------------
+
+
+def test_order_across_several_windows_with_mixed_lengths(exported: Path, tmp_path: Path) -> None:
+    from serve_cli.__main__ import WINDOW_BATCHES
+
+    rows = make_texts(2 * 2 * WINDOW_BATCHES + 37, seed=11, min_words=1, max_words=60)  # > 2 windows at batch size 2
+    src = write_lines(tmp_path / "in.jsonl", [json.dumps({"text": t, "id": i}) for i, (t, _) in enumerate(rows)])
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(out), "--batch-size", "2",
+                 "--variant", "fp32", "--id-field", "id", "--quiet"]) == 0
+    got = read_jsonl(out)
+    assert [r["id"] for r in got] == list(range(len(rows)))
+    clf = OnnxClassifier(exported, variant="fp32")
+    alone = [clf.predict_proba([t])[0] for t, _ in rows]
+    assert [r["label"] for r in got] == [LABELS[int(p.argmax())] for p in alone]
+    assert [r["score"] for r in got] == pytest.approx([float(p.max()) for p in alone], abs=1e-4)
+
+
+def test_byte_order_mark_in_jsonl_and_csv(exported: Path, tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "stock market"}\n{"text": "game team"}\n')
+    (tmp_path / "in.csv").write_bytes(b"\xef\xbb\xbftext,label\nstock market,Business\ngame team,Sports\n")
+    for name in ("in.jsonl", "in.csv"):
+        out = tmp_path / f"{name}.out.jsonl"
+        assert main(["predict", "--model", str(exported), "--input", str(tmp_path / name), "--output", str(out), "--quiet"]) == 0
+        assert len(read_jsonl(out)) == 2
+    rep = tmp_path / "rep"
+    assert main(["eval", "--model", str(exported), "--input", str(tmp_path / "in.csv"), "--report-dir", str(rep), "--quiet"]) == 0
+
+
+def test_eval_takes_integer_labels_as_indexes(exported: Path, toy_data: Path, tmp_path: Path) -> None:
+    rows = read_jsonl(toy_data / "test.jsonl")
+    src = write_lines(tmp_path / "int.jsonl", [json.dumps({"text": r["text"], "label": LABELS.index(r["label"])}) for r in rows])
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["eval", "--model", str(exported), "--input", str(toy_data / "test.jsonl"), "--report-dir", str(a), "--quiet"]) == 0
+    assert main(["eval", "--model", str(exported), "--input", str(src), "--report-dir", str(b), "--quiet"]) == 0
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["rows"] == mb["rows"] == 40 and ma["accuracy"] == mb["accuracy"]
+
+
+def test_tsv_output_is_tab_separated(exported: Path, tmp_path: Path) -> None:
+    src = write_lines(tmp_path / "in.txt", ["stock market, profit", "game team"])
+    out = tmp_path / "out.tsv"
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(out), "--quiet"]) == 0
+    rows = list(csv.reader(out.open(encoding="utf-8"), delimiter="\t"))
+    assert rows[0][:3] == ["id", "label", "score"] and len(rows) == 3 and all(len(r) == len(rows[0]) for r in rows)
+
+
+def test_eval_records_bad_rows_in_an_errors_file(exported: Path, tmp_path: Path) -> None:
+    src = tmp_path / "mixed.jsonl"
+    src.write_text('{"text": "stock market", "label": "Business"}\n{"text": 5, "label": "Sports"}\n{"text": "game", "label": "Sports"}\n')
+    rep = tmp_path / "rep"
+    assert main(["eval", "--model", str(exported), "--input", str(src), "--report-dir", str(rep), "--on-error", "record", "--quiet"]) == 0
+    assert [e["line"] for e in read_jsonl(rep / "errors.jsonl")] == [2]
+    assert json.loads((rep / "metrics.json").read_text())["row_errors"] == 1
+    errors = tmp_path / "bad.jsonl"
+    assert main(["eval", "--model", str(exported), "--input", str(src), "--report-dir", str(tmp_path / "rep2"),
+                 "--on-error", "record", "--errors-file", str(errors), "--quiet"]) == 0
+    assert [e["line"] for e in read_jsonl(errors)] == [2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--errors-file", "x.jsonl"], "--errors-file needs --on-error record"),
+    (["--batch-size", "0"], "expected an integer >= 1"),
+])
+def test_bad_options_are_usage_errors(exported: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    src = write_lines(tmp_path / "in.txt", ["stock market"])
+    res = run_cli("predict", "--model", str(exported), "--input", str(src), "--output", str(tmp_path / "o.jsonl"), *args)
+    assert res.returncode == 2 and message in res.stderr.decode() and b"Traceback" not in res.stderr
+
+
+def test_overwrite_never_deletes_a_dir_serve_cli_did_not_write(exported: Path, toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    args = ["eval", "--model", str(exported), "--input", str(toy_data / "test.jsonl"), "--overwrite", "--quiet"]
+    assert main([*args, "--report-dir", "."]) == 1
+    assert "was not written by loraship" in capsys.readouterr().err
+    assert (work / "precious.txt").read_text() == "keep me"
+    # A report dir serve_cli wrote is replaced; one under a missing parent is created.
+    assert main([*args, "--report-dir", "new/parent/rep"]) == 0
+    assert main([*args, "--report-dir", "new/parent/rep"]) == 0
+    assert (work / "new" / "parent" / "rep" / "report.md").is_file()
+    assert sorted(p.name for p in (work / "new" / "parent").iterdir()) == ["rep"], "no temp dirs left"
+
+
+def test_outputs_get_the_usual_permissions(exported: Path, toy_data: Path, tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "p.jsonl"
+        assert main(["predict", "--model", str(exported), "--input", str(toy_data / "test.jsonl"), "--output", str(out), "--quiet"]) == 0
+        rep = tmp_path / "rep"
+        assert main(["eval", "--model", str(exported), "--input", str(toy_data / "test.jsonl"), "--report-dir", str(rep), "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert rep.stat().st_mode & 0o777 == 0o755
+
+
+def test_no_output_into_a_run_dir_that_is_training(exported: Path, toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from serve_cli.fsutil import RunDirLock
+
+    run = tmp_path / "run"
+    with RunDirLock(run, "training"):
+        assert main(["predict", "--model", str(exported), "--input", str(toy_data / "test.jsonl"), "--output", str(run / "p.jsonl")]) == 1
+        assert "a training is writing" in capsys.readouterr().err
+        assert main(["eval", "--model", str(exported), "--input", str(toy_data / "test.jsonl"), "--report-dir", str(run / "eval")]) == 1
+        assert "a training is writing" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == []
+    assert main(["predict", "--model", str(exported), "--input", str(toy_data / "test.jsonl"), "--output", str(run / "p.jsonl"), "--quiet"]) == 0
+
+
+def test_json_array_input_is_a_clear_error(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps([{"text": "a"}]))
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(tmp_path / "o.jsonl")]) == 1
+    assert "serve_cli streams JSON Lines" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()

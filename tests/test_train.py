@@ -72,7 +72,13 @@ def test_bad_config_exits_2(tiny_bert: Path, toy_data: Path, tmp_path: Path, cap
 
 def test_fp16_on_cpu_is_a_clear_error(tiny_bert: Path, toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(tiny_args(tiny_bert, toy_data, tmp_path / "r", "train.mixed_precision=fp16")) == 2
-    assert "fp16: needs a GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "fp16: needs a GPU" in err
+    # Each command line the message suggests works as written.
+    suggested = err.split("Use ")[1].split()
+    assert suggested[0].startswith("train.mixed_precision=") and suggested[1:3] == ["or", "no"]
+    for override in (suggested[0], "train.mixed_precision=" + suggested[2]):
+        assert main(tiny_args(tiny_bert, toy_data, tmp_path / override, override, "train.max_steps=2")) == 0
 
 
 def test_question_answer_format_by_config_alone(tiny_bert: Path, tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """Data for the trainer: load labeled text files, check them row by row, tokenize, batch.
 
-Local .jsonl/.json/.csv/.tsv/.parquet files go through `datasets`; JSON Lines are read line by line
-first so that a malformed line is reported with its number. 'hub:ID[:split]' loads a hub dataset.
+JSON Lines (.jsonl, or .json holding one object per line) are read line by line so that a malformed
+line is reported with its number; a .json file holding one array of objects is read whole (errors name
+the item). .csv/.tsv/.parquet go through `datasets`; 'hub:ID[:split]' loads a hub dataset. A UTF-8
+byte-order mark is ignored; a `ClassLabel` label column gives its names.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ class LabeledRows:
     source: str
     texts: list[str]
     labels: list[Any]
-    lines: list[int]  # 1-based line (JSONL, CSV) or row (Parquet, hub) of each row
+    lines: list[int]  # 1-based line (JSONL, CSV), row (Parquet, hub) or item (JSON array) of each row
     unit: str = "line"
 
     def where(self, i: int) -> str:
-        return f"{self.source}:{self.lines[i]}" if self.unit == "line" else f"{self.source} row {self.lines[i]}"
+        return f"{self.source}:{self.lines[i]}" if self.unit == "line" else f"{self.source} {self.unit} {self.lines[i]}"
+
+
+BOM = "\ufeff"  # UTF-8 byte-order mark: Excel's CSV and some JSONL exports start with it
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -44,6 +49,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start})") from e
+            if lineno == 1:
+                line = line.removeprefix(BOM)
             if not line.strip():
                 continue
             try:
@@ -55,6 +62,48 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, obj
 
 
+def _read_json_array(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A .json file holding one array of objects; rows are numbered by item (1-based)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: invalid UTF-8 ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects or JSON Lines, got a {type(data).__name__}")
+    for i, obj in enumerate(data, start=1):
+        if not isinstance(obj, dict):
+            raise DataError(f"{path} item {i}: expected a JSON object, got {type(obj).__name__}")
+        yield i, obj
+
+
+def _starts_with_array(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4096).decode("utf-8", errors="replace").removeprefix(BOM).lstrip()
+    return head.startswith("[")
+
+
+def _class_label_names(ds: Any, label_field: str) -> list[str] | None:
+    """A hub or Parquet dataset whose label column is a `ClassLabel` carries the label names itself."""
+    import datasets
+
+    feature = ds.features.get(label_field)
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def _dataset_records(ds: Any, label_field: str, first: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    names = _class_label_names(ds, label_field)
+    # A BOM in a CSV header makes the first column '\ufefftext'.
+    renames = {c: c.removeprefix(BOM) for c in ds.column_names if c.startswith(BOM)}
+    if renames:
+        ds = ds.rename_columns(renames)
+    for i, rec in enumerate(ds):
+        if names is not None and isinstance(rec.get(label_field), int) and 0 <= rec[label_field] < len(names):
+            rec = {**rec, label_field: names[rec[label_field]]}
+        yield i + first, rec
+
+
 def load_rows(source: str, text_field: str, label_field: str) -> LabeledRows:
     """Read one split and check every row: field present, text non-empty, label present."""
     if source.startswith("hub:"):
@@ -63,7 +112,7 @@ def load_rows(source: str, text_field: str, label_field: str) -> LabeledRows:
         _, _, spec = source.partition(":")
         name, _, split = spec.partition(":")
         ds = datasets.load_dataset(name, split=split or "train")
-        records: Iterator[tuple[int, dict[str, Any]]] = ((i + 1, r) for i, r in enumerate(ds))
+        records: Iterator[tuple[int, dict[str, Any]]] = _dataset_records(ds, label_field, 1)
         rows = LabeledRows(source, [], [], [], unit="row")
     else:
         path = Path(source)
@@ -74,7 +123,10 @@ def load_rows(source: str, text_field: str, label_field: str) -> LabeledRows:
             )
         suffix = path.suffix.lower()
         rows = LabeledRows(str(path), [], [], [])
-        if suffix in (".jsonl", ".json"):
+        if suffix == ".json" and _starts_with_array(path):
+            records = _read_json_array(path)
+            rows.unit = "item"
+        elif suffix in (".jsonl", ".json"):
             records = _read_jsonl(path)
         elif suffix in (".csv", ".tsv", ".parquet"):
             import datasets
@@ -82,17 +134,17 @@ def load_rows(source: str, text_field: str, label_field: str) -> LabeledRows:
             if suffix == ".parquet":
                 ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
                 rows.unit = "row"
-                records = ((i + 1, r) for i, r in enumerate(ds))
+                records = _dataset_records(ds, label_field, 1)
             else:
                 ds = datasets.load_dataset(
                     "csv", data_files=str(path), split="train", delimiter="\t" if suffix == ".tsv" else ","
                 )
                 # Line numbers assume one physical line per row after the header.
-                records = ((i + 2, r) for i, r in enumerate(ds))
+                records = _dataset_records(ds, label_field, 2)
         else:
             raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .tsv or .parquet")
     for lineno, rec in records:
-        where = f"{rows.source}:{lineno}" if rows.unit == "line" else f"{rows.source} row {lineno}"
+        where = f"{rows.source}:{lineno}" if rows.unit == "line" else f"{rows.source} {rows.unit} {lineno}"
         for fname in (text_field, label_field):
             if fname not in rec or rec[fname] is None:
                 raise DataError(f"{where}: missing field {fname!r} (fields: {', '.join(map(str, rec))})")
@@ -125,15 +177,22 @@ def label_names(train: LabeledRows, given: list[str]) -> list[str]:
 
 
 def encode_labels(rows: LabeledRows, label2id: dict[str, int]) -> list[int]:
-    """Map raw labels to ids; an unknown label is an error naming file, line and label."""
+    """Map raw labels to ids; an unknown label is an error naming file, line and label.
+
+    Names match first; an integer that is not a name is an index into the label names (AG News on the hub
+    stores 0..3 for World, Sports, Business, Sci/Tech)."""
     ids = []
     for i, label in enumerate(rows.labels):
         key = str(label)
-        if key not in label2id:
+        if key in label2id:
+            ids.append(label2id[key])
+        elif isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(label2id):
+            ids.append(label)
+        else:
             raise DataError(
-                f"{rows.where(i)}: label {key!r} is not one the model knows ({', '.join(label2id)})"
+                f"{rows.where(i)}: label {key!r} is not one the model knows ({', '.join(label2id)}); "
+                f"integer labels index these names (0..{len(label2id) - 1})"
             )
-        ids.append(label2id[key])
     return ids
 
 
