@@ -43,7 +43,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
-    from export.to_onnx import QUANTIZATION_METHODS, quantize
+    from export.quantize import QUANTIZATION_METHODS, quantize
 
     rows_in = [json.loads(x) for x in (data_dir() / "test.jsonl").read_text().splitlines()]
     texts, truth = [r["text"] for r in rows_in], [r["label"] for r in rows_in]

@@ -2,156 +2,71 @@
 
     python -m export.to_onnx --run runs/agnews_minilm
     python -m export.to_onnx --run runs/agnews_minilm --eval-file ../shared/data/agnews/test.jsonl
-    python -m export.to_onnx --adapter runs/agnews_minilm/adapter --output /tmp/onnx --force
+    python -m export.to_onnx --adapter path/to/adapter --output /tmp/onnx --force
 
 Writes RUN/merged (Hugging Face model dir, safetensors) and RUN/onnx (model.onnx, model_quantized.onnx,
 tokenizer, config.json with id2label, export_report.json). Each output is built in a temp dir and
-renamed into place only after every check passed; a rerun with the same inputs reuses them.
+renamed into place only after every check passed; a rerun with the same inputs reuses them. With
+--adapter, everything goes under --output (the merged model too, unless --merged-dir names a place).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import inspect
+import contextlib
 import json
-import platform
 import shutil
 import sys
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-QUANTIZATION_METHODS = ("auto", "ort-dynamic", "ort-dynamic-fused", "optimum-avx512_vnni", "optimum-avx2", "optimum-arm64")
-INT8_FILE = "model_quantized.onnx"
-REPORT = "export_report.json"
-META = "loraship.json"
-
-
-class ExportError(RuntimeError):
-    pass
+from export.common import (
+    INT8_FILE,
+    MERGE_STAMP,
+    META,
+    REPORT,
+    ExportError,
+    cpu_flags,
+    sha256,
+    torch_logits,
+    versions,
+)
+from export.gate import agreement_gate, eval_gate, load_eval_file
+from export.merge import generated_texts, merge, read_adapter
+from export.quantize import QUANTIZATION_METHODS, auto_quantization, quantize
+from serve_cli.fsutil import OutputError, RunDirLock, atomic_dir, temp_dir_beside
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export.to_onnx", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", type=Path, help="run dir written by trainer/train.py (uses RUN/adapter)")
-    src.add_argument("--adapter", type=Path, help="an adapter dir alone")
-    p.add_argument("--merged-dir", type=Path, help="merged model dir (default: RUN/merged)")
+    src.add_argument("--adapter", type=Path, help="an adapter dir alone (needs --output)")
+    p.add_argument("--merged-dir", type=Path, help="merged model dir (default: RUN/merged; with --adapter: not kept)")
     p.add_argument("--output", type=Path, help="ONNX dir (default: RUN/onnx)")
     p.add_argument("--base-model", help="base model path or hub id, if not the one recorded with the adapter")
     p.add_argument("--eval-file", type=Path, help="labeled JSONL/CSV: accuracy gate for merged, fp32 and int8")
     p.add_argument("--text-field", help="text field of --eval-file (default: the training one)")
     p.add_argument("--label-field", help="label field of --eval-file (default: the training one)")
     p.add_argument("--max-int8-drop", type=float, default=0.5, help="accuracy points int8 may lose and still be default")
+    p.add_argument("--min-int8-agreement", type=float, default=0.98,
+                   help="without --eval-file: share of parity texts where int8 and fp32 must agree for int8 to be default")
+    p.add_argument("--max-int8-logit-diff", type=float, default=1.0,
+                   help="without --eval-file: largest int8 vs fp32 logit difference on the parity texts for int8 to be default")
     p.add_argument("--atol", type=float, default=1e-4, help="max abs logit difference allowed at each conversion")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (18: optimum's minimum for BERT)")
     p.add_argument("--quantization", choices=QUANTIZATION_METHODS, default="auto", help="int8 method (auto: per CPU)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads for validation (0 = all cores)")
-    p.add_argument("--force", action="store_true", help="rebuild the merged and ONNX dirs even if they exist")
+    p.add_argument("--force", action="store_true", help="rebuild the merged and ONNX dirs (only ones loraship wrote)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    return p.parse_args(argv)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_adapter(adapter_dir: Path) -> dict[str, Any]:
-    """The adapter's metadata (labels, base model, max_length); clear errors for anything missing."""
-    if not adapter_dir.is_dir():
-        raise ExportError(f"{adapter_dir}: adapter dir not found (train one with trainer/train.py)")
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (adapter_dir / name).is_file():
-            raise ExportError(f"{adapter_dir}: {name} missing: not a LoRA adapter dir saved with safetensors")
-    meta: dict[str, Any] = {}
-    if (adapter_dir / META).is_file():
-        meta = json.loads((adapter_dir / META).read_text(encoding="utf-8"))
-    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    meta.setdefault("base_model", adapter_cfg.get("base_model_name_or_path"))
-    if not meta.get("labels"):
-        raise ExportError(f"{adapter_dir}: no label map ({META} with 'labels' missing); the export needs id2label")
-    meta.setdefault("max_length", 512)
-    meta.setdefault("sample_texts", [])
-    return meta
-
-
-def check_safetensors(path: Path) -> None:
-    """Fail cleanly on a truncated or corrupted weights file before peft tries to use it."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                f.get_tensor(key)
-    except Exception as e:
-        raise ExportError(f"{path}: cannot read adapter weights ({e}); the file is corrupted or not safetensors") from e
-
-
-def torch_logits(model: Any, tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
-    import torch
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    takes_token_types = "token_type_ids" in inspect.signature(base.forward).parameters
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            if "token_type_ids" in enc and not takes_token_types:
-                del enc["token_type_ids"]
-            out.append(model(**enc).logits.float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
-
-
-def merge(adapter_dir: Path, meta: dict[str, Any], base_model: str, out_dir: Path, texts: list[str], atol: float, trust_remote_code: bool) -> dict[str, Any]:
-    """Base (fp32) + adapter -> merged model dir; proves adapter and merged logits agree."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from trainer.modeling import resolve_model_path
-
-    labels = meta["labels"]
-    try:
-        base = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(base_model),
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={n: i for i, n in enumerate(labels)},
-            dtype=torch.float32,  # merge in fp32 whatever precision trained the adapter
-            trust_remote_code=trust_remote_code,
-        )
-    except (OSError, ValueError) as e:  # missing dir, bad hub id, unreachable hub
-        raise ExportError(f"base model {base_model!r} of {adapter_dir} cannot be loaded: {e}. Pass --base-model PATH") from e
-    check_safetensors(adapter_dir / "adapter_model.safetensors")
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    except Exception as e:
-        raise ExportError(f"{adapter_dir}: cannot apply the adapter to {base_model}: {e}") from e
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    adapter_logits = torch_logits(model, tokenizer, texts, meta["max_length"])
-    merged = model.merge_and_unload()
-    merged.eval()
-    leftover = [k for k in merged.state_dict() if "lora_" in k or "modules_to_save" in k]
-    if leftover:
-        raise ExportError(f"merge left adapter layers behind: {leftover[:3]}")
-    merged_logits = torch_logits(merged, tokenizer, texts, meta["max_length"])
-    diff = float(np.abs(adapter_logits - merged_logits).max())
-    if diff > atol or not np.array_equal(adapter_logits.argmax(-1), merged_logits.argmax(-1)):
-        raise ExportError(f"merge parity failed: adapter vs merged max abs logit diff {diff:.2e} > {atol:g}")
-    merged.config.id2label = dict(enumerate(labels))
-    merged.config.label2id = {n: i for i, n in enumerate(labels)}
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return {"rows": len(texts), "max_abs_diff": diff}
+    args = p.parse_args(argv)
+    if args.adapter is not None and args.output is None:
+        p.error("--adapter needs --output: the export writes only under its outputs, never beside the adapter")
+    return args
 
 
 def export_onnx(merged_dir: Path, out_dir: Path, opset: int, trust_remote_code: bool) -> None:
@@ -190,140 +105,70 @@ def validate_onnx(onnx_dir: Path, variant: str, merged: Any, tokenizer: Any, tex
     return {"cases": results, "max_abs_diff": max(r["max_abs_diff"] for r in results), "min_argmax_agree": min(r["argmax_agree"] for r in results)}
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def auto_quantization() -> str:
-    """The measured-fastest accurate method for this CPU (see benchmarks/quantization.py and the README)."""
-    # Measured on AVX-512 VNNI x86 (AG News, MiniLM): quantize_dynamic on the plain graph ran 356 rows/s,
-    # optimum avx512_vnni 340, the fused graph 317, optimum avx2 179, fp32 205, all within 0.1 point.
-    if platform.machine().lower() in ("arm64", "aarch64"):
-        return "optimum-arm64"
-    return "ort-dynamic"
-
-
-def quantize(onnx_dir: Path, method: str, model_type: str, num_heads: int, hidden_size: int) -> None:
-    """Write onnx_dir/model_quantized.onnx from onnx_dir/model.onnx with dynamic int8 quantization."""
-    src = onnx_dir / "model.onnx"
-    dst = onnx_dir / INT8_FILE
-    if method in ("ort-dynamic", "ort-dynamic-fused"):
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        source = src
-        with tempfile.TemporaryDirectory() as tmp:
-            if method == "ort-dynamic-fused":
-                # Fuse attention, LayerNorm and GELU first: fewer, larger int8 kernels.
-                from onnxruntime.transformers.optimizer import optimize_model
-
-                opt_type = model_type if model_type in ("bert", "bart", "gpt2") else "bert"
-                opt = optimize_model(str(src), model_type=opt_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=1)
-                source = Path(tmp) / "fused.onnx"
-                opt.save_model_to_file(str(source))
-            import onnx
-
-            # Fused com.microsoft ops defeat shape inference; their outputs are float.
-            quantize_dynamic(str(source), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-        return
-    from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
-
-    target = method.removeprefix("optimum-")
-    qconfig = getattr(AutoQuantizationConfig, target)(is_static=False, per_channel=True)
-    quantizer = ORTQuantizer.from_pretrained(str(onnx_dir), file_name="model.onnx")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = quantizer.quantize(save_dir=tmp, quantization_config=qconfig)
-        shutil.move(str(Path(out) / "model_quantized.onnx"), dst)
-
-
-def load_eval_file(path: Path, text_field: str, label_field: str, labels: list[str]) -> tuple[list[str], np.ndarray]:
-    from trainer.data import DataError, encode_labels, load_rows
-
-    try:
-        rows = load_rows(str(path), text_field, label_field)
-        y = encode_labels(rows, {n: i for i, n in enumerate(labels)})
-    except DataError as e:
-        raise ExportError(str(e)) from e
-    return rows.texts, np.array(y)
-
-
-def accuracy_f1(y: np.ndarray, pred: np.ndarray, n_labels: int) -> dict[str, float]:
-    from serve_cli.metrics import classification_report
-
-    report = classification_report(y, pred, [str(i) for i in range(n_labels)])
-    return {"accuracy": report["accuracy"], "f1_weighted": report["f1_weighted"]}
-
-
-def onnx_predict(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
-    """Predictions exactly as `serve_cli` makes them: int8 dynamic quantization picks its activation
-    scales per batch, so the batching (size, length sorting) must be serve_cli's for the accuracy
-    recorded here to be the one users reproduce with `serve_cli eval`."""
-    from serve_cli.__main__ import DEFAULT_BATCH_SIZE, predict_in_order
-    from serve_cli.io import Row
-    from serve_cli.runtime import OnnxClassifier
-
-    clf = OnnxClassifier(onnx_dir, variant=variant, threads=threads or None)
-    rows = (Row(i, i, t) for i, t in enumerate(texts))
-    return np.array([int(p.argmax()) for _, p in predict_in_order(clf, rows, DEFAULT_BATCH_SIZE)])
-
-
-def fingerprint(adapter_dir: Path, base_model: str, args: argparse.Namespace) -> dict[str, Any]:
+def fingerprint(adapter_dir: Path, base_model: str, method: str, fields: tuple[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that changes what the export writes: a rerun with any of it changed must rebuild."""
+    meta = adapter_dir / META
     return {
         "adapter_sha256": sha256(adapter_dir / "adapter_model.safetensors"),
         "adapter_config_sha256": sha256(adapter_dir / "adapter_config.json"),
+        "adapter_meta_sha256": sha256(meta) if meta.is_file() else None,
         "base_model": base_model,
         "opset": args.opset,
-        "quantization": args.quantization,
-        "eval_file": str(args.eval_file.resolve()) if args.eval_file else None,
+        "atol": args.atol,
+        "quantization": method,
+        "eval_file": {"name": args.eval_file.name, "sha256": sha256(args.eval_file), "text_field": fields[0],
+                      "label_field": fields[1]} if args.eval_file else None,
         "max_int8_drop": args.max_int8_drop,
+        "min_int8_agreement": args.min_int8_agreement,
+        "max_int8_logit_diff": args.max_int8_logit_diff,
     }
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers"):
+@contextlib.contextmanager
+def output_paths(args: argparse.Namespace) -> Iterator[tuple[Path, Path, Path, bool]]:
+    """(adapter dir, merged dir, onnx dir, merged dir is a temp dir); holds the run-dir lock with --run."""
+    if args.run is None:
+        merged_dir = args.merged_dir or temp_dir_beside(args.output.parent / f".{args.output.name}-merged")
         try:
-            out[pkg] = version(pkg)
-        except Exception:
-            out[pkg] = "not installed"
-    return out
+            yield args.adapter, merged_dir, args.output, args.merged_dir is None
+        finally:
+            if args.merged_dir is None:
+                shutil.rmtree(merged_dir, ignore_errors=True)
+        return
+    if not args.run.is_dir():
+        raise ExportError(f"{args.run}: run dir not found")
+    try:
+        # A training writing this run dir holds its lock: the export refuses instead of racing it.
+        lock = RunDirLock(args.run, "export").acquire()
+    except OutputError as e:
+        raise ExportError(str(e)) from e
+    try:
+        yield args.run / "adapter", args.merged_dir or args.run / "merged", args.output or args.run / "onnx", False
+    finally:
+        lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return run(args)
-    except ExportError as e:
+        with output_paths(args) as (adapter_dir, merged_dir, onnx_dir, merged_is_temp):
+            return run(args, adapter_dir, merged_dir, onnx_dir, merged_is_temp)
+    except (ExportError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
-def run(args: argparse.Namespace) -> int:
+def inside(path: Path, root: Path | None) -> bool:
+    return root is not None and path.resolve().is_relative_to(root.resolve())
+
+
+def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir: Path, merged_is_temp: bool) -> int:
     start = time.perf_counter()
-    if args.run is not None:
-        if not args.run.is_dir():
-            raise ExportError(f"{args.run}: run dir not found")
-        adapter_dir = args.run / "adapter"
-        root = args.run
-    else:
-        adapter_dir = args.adapter
-        root = args.adapter.parent
     meta = read_adapter(adapter_dir)
     base_model = args.base_model or meta["base_model"]
-    merged_dir = args.merged_dir or root / "merged"
-    onnx_dir = args.output or root / "onnx"
-    fp = fingerprint(adapter_dir, base_model, args)
-
+    method = auto_quantization() if args.quantization == "auto" else args.quantization
+    fields = (args.text_field or meta.get("text_field", "text"), args.label_field or meta.get("label_field", "label"))
+    fp = fingerprint(adapter_dir, base_model, method, fields, args)
     if onnx_dir.exists() and not args.force:
         old = json.loads((onnx_dir / REPORT).read_text()) if (onnx_dir / REPORT).is_file() else {}
         if old.get("inputs") == fp:
@@ -331,90 +176,26 @@ def run(args: argparse.Namespace) -> int:
             return 0
         raise ExportError(f"{onnx_dir}: exists and was built from other inputs; pass --force to replace it or choose --output")
 
-    texts = list(meta["sample_texts"])
-    eval_data = None
-    if args.eval_file:
-        eval_data = load_eval_file(args.eval_file, args.text_field or meta.get("text_field", "text"),
-                                   args.label_field or meta.get("label_field", "label"), meta["labels"])
-        texts = texts or eval_data[0][:32]
-    if len(texts) < 2:
-        raise ExportError(f"{adapter_dir}: no sample texts for the parity checks; pass --eval-file with real texts")
+    eval_data = load_eval_file(args.eval_file, *fields, meta["labels"]) if args.eval_file else None
+    texts, texts_from = parity_texts(meta, eval_data, adapter_dir)
+    report: dict[str, Any] = {"inputs": fp, "source": {"adapter": adapter_dir.name, "run": args.run.name if args.run else None},
+                              "parity_texts": {"from": texts_from, "rows": len(texts)}}
+    report["merge"] = merge_phase(args, adapter_dir, meta, base_model, merged_dir, merged_is_temp, texts, fp)
 
-    # --- 1. merge (reused if the merged dir was built from this adapter)
-    report: dict[str, Any] = {"inputs": fp, "source": {"adapter": str(adapter_dir), "run": str(args.run) if args.run else None}}
-    merged_stamp = merged_dir / "loraship_merge.json"
-    merge_inputs = {k: fp[k] for k in ("adapter_sha256", "adapter_config_sha256", "base_model")}
-    t0 = time.perf_counter()
-    if merged_dir.exists() and not args.force and merged_stamp.is_file() and json.loads(merged_stamp.read_text()).get("inputs") == merge_inputs:
-        report["merge"] = json.loads(merged_stamp.read_text())["merge"] | {"reused": True}
-        print(f"merge: reusing {merged_dir}")
-    else:
-        if merged_dir.exists() and not args.force:
-            raise ExportError(f"{merged_dir}: exists and was not built from this adapter; pass --force or --merged-dir")
-        tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=merged_dir.parent if merged_dir.parent.exists() else None))
-        try:
-            report["merge"] = merge(adapter_dir, meta, base_model, tmp, texts, args.atol, args.trust_remote_code)
-            (tmp / "loraship_merge.json").write_text(json.dumps({"inputs": merge_inputs, "merge": report["merge"], "meta": {k: v for k, v in meta.items() if k != "sample_texts"}}, indent=2))
-            shutil.rmtree(merged_dir, ignore_errors=True)
-            merged_dir.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(tmp), merged_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        print(f"merge: {merged_dir} (adapter vs merged max abs diff {report['merge']['max_abs_diff']:.2e})")
-    report["merge"]["seconds"] = time.perf_counter() - t0
-
-    # --- 2-6. export, validate, quantize, gate: all inside a temp dir renamed at the end
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
-    onnx_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".onnx-", dir=onnx_dir.parent))
-    try:
-        t0 = time.perf_counter()
-        export_onnx(merged_dir, tmp, args.opset, args.trust_remote_code)
-        report["export_seconds"] = time.perf_counter() - t0
-        report["max_length"] = meta["max_length"]
-        # serve_cli reads max_length and the default variant from the report; write a partial one now.
-        (tmp / REPORT).write_text(json.dumps({"max_length": meta["max_length"], "default_variant": "fp32"}))
-        parity = validate_onnx(tmp, "fp32", merged, tokenizer, texts, meta["max_length"], args.threads)
-        report["parity_fp32"] = parity
-        if parity["max_abs_diff"] > args.atol or parity["min_argmax_agree"] < 1.0:
-            raise ExportError(f"ONNX fp32 parity failed: max abs logit diff {parity['max_abs_diff']:.2e} > {args.atol:g} (cases: {parity['cases']})")
-        print(f"onnx fp32: parity max abs diff {parity['max_abs_diff']:.2e} over {len(parity['cases'])} shapes")
-
-        method = auto_quantization() if args.quantization == "auto" else args.quantization
-        t0 = time.perf_counter()
-        cfg = merged.config
-        quantize(tmp, method, cfg.model_type, getattr(cfg, "num_attention_heads", getattr(cfg, "n_heads", 0)),
-                 getattr(cfg, "hidden_size", getattr(cfg, "dim", 0)))
-        report["quantization"] = {"method": method, "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "asimd"))), "seconds": time.perf_counter() - t0}
-        int8_parity = validate_onnx(tmp, "int8", merged, tokenizer, texts, meta["max_length"], args.threads)
-        report["parity_int8"] = int8_parity
-        print(f"onnx int8 ({method}): max abs diff {int8_parity['max_abs_diff']:.3f}, argmax agreement >= {int8_parity['min_argmax_agree']:.2f}")
-
-        default_variant = "int8"
+    with atomic_dir(onnx_dir, args.force, "--force", "export.to_onnx ONNX dir", check_lock=not inside(onnx_dir, args.run)) as tmp:
+        onnx_phase(args, tmp, merged, tokenizer, texts, meta, method, report)
         if eval_data is not None:
-            eval_texts, y = eval_data
-            gate: dict[str, Any] = {"file": str(args.eval_file), "rows": len(y)}
-            pred = np.concatenate([torch_logits(merged, tokenizer, eval_texts[i : i + 64], meta["max_length"], 64).argmax(-1) for i in range(0, len(eval_texts), 64)])
-            gate["merged"] = accuracy_f1(y, pred, len(meta["labels"]))
-            for variant in ("fp32", "int8"):
-                gate[f"onnx_{variant}"] = accuracy_f1(y, onnx_predict(tmp, variant, eval_texts, args.threads), len(meta["labels"]))
-            drop = 100 * (gate["onnx_fp32"]["accuracy"] - gate["onnx_int8"]["accuracy"])
-            gate["int8_drop_points"] = drop
-            gate["max_int8_drop_points"] = args.max_int8_drop
-            if drop > args.max_int8_drop:
-                default_variant = "fp32"
-                gate["verdict"] = f"int8 loses {drop:.2f} points > {args.max_int8_drop}: fp32 is the default"
-            else:
-                gate["verdict"] = f"int8 within {args.max_int8_drop} points ({drop:+.2f}): int8 is the default"
-            report["gate"] = gate
-            print("gate: " + ", ".join(f"{k} acc {gate[k]['accuracy']:.4f}" for k in ("merged", "onnx_fp32", "onnx_int8")) + f"; {gate['verdict']}")
-        elif int8_parity["min_argmax_agree"] < 0.75:
-            default_variant = "fp32"
+            default_variant, gate = eval_gate(tmp, eval_data, merged, tokenizer, meta, args)
+        else:
+            default_variant, gate = agreement_gate(tmp, texts, args)
+        report["gate"] = gate
         report["default_variant"] = default_variant
+        print(f"default variant: {default_variant} ({gate['by']}): {gate['verdict']}")
         report["variants"] = {
             v: {"file": f, "bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)}
             for v, f in (("fp32", "model.onnx"), ("int8", INT8_FILE))
@@ -425,13 +206,62 @@ def run(args: argparse.Namespace) -> int:
         report["training_config"] = meta.get("config")
         report["total_seconds"] = time.perf_counter() - start
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
-        if onnx_dir.exists():
-            shutil.rmtree(onnx_dir)
-        tmp.rename(onnx_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {onnx_dir} (default variant {report['default_variant']}) in {report['total_seconds']:.0f}s")
     return 0
+
+
+def parity_texts(meta: dict[str, Any], eval_data: tuple[list[str], np.ndarray] | None, adapter_dir: Path) -> tuple[list[str], str]:
+    """Texts for the parity checks: the adapter's samples, else eval-file rows, else generated texts."""
+    if len(meta["sample_texts"]) >= 2:
+        return list(meta["sample_texts"]), "adapter sample texts"
+    if eval_data is not None and len(eval_data[0]) >= 2:
+        return eval_data[0][:32], "eval file"
+    return generated_texts(adapter_dir), "generated from the vocabulary (the adapter carries no texts)"
+
+
+def merge_phase(args: argparse.Namespace, adapter_dir: Path, meta: dict[str, Any], base_model: str, merged_dir: Path,
+                merged_is_temp: bool, texts: list[str], fp: dict[str, Any]) -> dict[str, Any]:
+    """Merge into merged_dir, or reuse it when it was built from this adapter."""
+    t0 = time.perf_counter()
+    stamp = merged_dir / MERGE_STAMP
+    inputs = {k: fp[k] for k in ("adapter_sha256", "adapter_config_sha256", "adapter_meta_sha256", "base_model", "atol")}
+    if not args.force and stamp.is_file() and json.loads(stamp.read_text()).get("inputs") == inputs:
+        print(f"merge: reusing {merged_dir}")
+        return json.loads(stamp.read_text())["merge"] | {"reused": True, "seconds": time.perf_counter() - t0}
+    if merged_is_temp:
+        result = merge(adapter_dir, meta, base_model, merged_dir, texts, args.atol, args.trust_remote_code)
+    else:
+        if merged_dir.exists() and not args.force:
+            raise ExportError(f"{merged_dir}: exists and was not built from this adapter; pass --force or --merged-dir")
+        with atomic_dir(merged_dir, args.force, "--force", "export.to_onnx merged model", check_lock=not inside(merged_dir, args.run)) as tmp:
+            result = merge(adapter_dir, meta, base_model, tmp, texts, args.atol, args.trust_remote_code)
+            (tmp / MERGE_STAMP).write_text(json.dumps({"inputs": inputs, "merge": result}, indent=2))
+    print(f"merge: {merged_dir} (adapter vs merged max abs diff {result['max_abs_diff']:.2e})")
+    return result | {"seconds": time.perf_counter() - t0}
+
+
+def onnx_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any, texts: list[str], meta: dict[str, Any], method: str, report: dict[str, Any]) -> None:
+    """Export, prove fp32 parity, quantize, measure int8 against PyTorch: all inside the temp dir."""
+    t0 = time.perf_counter()
+    export_onnx(Path(merged.name_or_path), tmp, args.opset, args.trust_remote_code)
+    report["export_seconds"] = time.perf_counter() - t0
+    report["max_length"] = meta["max_length"]
+    # serve_cli reads max_length and the default variant from the report; write a partial one now.
+    (tmp / REPORT).write_text(json.dumps({"max_length": meta["max_length"], "default_variant": "fp32"}))
+    parity = validate_onnx(tmp, "fp32", merged, tokenizer, texts, meta["max_length"], args.threads)
+    report["parity_fp32"] = parity
+    if parity["max_abs_diff"] > args.atol or parity["min_argmax_agree"] < 1.0:
+        raise ExportError(f"ONNX fp32 parity failed: max abs logit diff {parity['max_abs_diff']:.2e} > {args.atol:g} (cases: {parity['cases']})")
+    print(f"onnx fp32: parity max abs diff {parity['max_abs_diff']:.2e} over {len(parity['cases'])} shapes")
+    t0 = time.perf_counter()
+    cfg = merged.config
+    quantize(tmp, method, cfg.model_type, getattr(cfg, "num_attention_heads", getattr(cfg, "n_heads", 0)),
+             getattr(cfg, "hidden_size", getattr(cfg, "dim", 0)))
+    report["quantization"] = {"method": method, "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "asimd"))),
+                              "seconds": time.perf_counter() - t0}
+    report["parity_int8"] = validate_onnx(tmp, "int8", merged, tokenizer, texts, meta["max_length"], args.threads)
+    print(f"onnx int8 ({method}): max abs diff {report['parity_int8']['max_abs_diff']:.3f}, "
+          f"argmax agreement >= {report['parity_int8']['min_argmax_agree']:.2f}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from tests.conftest import tiny_args
 from trainer.train import main as train_main
 
 ONNX_FILES = [
-    "config.json", "export_report.json", "model.onnx", "model_quantized.onnx",
+    ".loraship", "config.json", "export_report.json", "model.onnx", "model_quantized.onnx",
     "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
 ]
 
@@ -28,8 +28,9 @@ def test_export_writes_validated_onnx_dir(exported: Path, trained_run: Path) -> 
     assert shapes == {(1, 16), (8, 16), (1, 32), (8, 32)}
     assert report["parity_fp32"]["max_abs_diff"] <= 1e-4 and report["parity_fp32"]["min_argmax_agree"] == 1.0
     assert report["parity_int8"]["min_argmax_agree"] >= 0.75
-    assert report["default_variant"] in ("int8", "fp32")
     gate = report["gate"]
+    assert gate["by"] == "eval-file accuracy" and gate["file"] == "test.jsonl"
+    assert report["default_variant"] == ("int8" if gate["int8_drop_points"] <= 0.5 else "fp32")
     assert gate["rows"] == 40 and set(gate) >= {"merged", "onnx_fp32", "onnx_int8", "verdict"}
     assert gate["onnx_fp32"]["accuracy"] == pytest.approx(gate["merged"]["accuracy"])
     for v in ("fp32", "int8"):
@@ -109,9 +110,9 @@ def test_corrupted_adapter_fails_cleanly(trained_run: Path, tmp_path: Path, caps
     adapter = shutil.copytree(trained_run / "adapter", tmp_path / "adapter")
     weights = adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: os.path.getsize(weights) // 2])
-    assert main(["--adapter", str(adapter)]) == 1
+    assert main(["--adapter", str(adapter), "--output", str(tmp_path / "onnx")]) == 1
     assert "cannot read adapter weights" in capsys.readouterr().err
-    assert not (tmp_path / "onnx").exists() and not (tmp_path / "merged").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"], "nothing left behind"
 
 
 def test_errors_for_missing_inputs(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -120,11 +121,11 @@ def test_errors_for_missing_inputs(trained_run: Path, tmp_path: Path, capsys: py
     adapter = shutil.copytree(trained_run / "adapter", tmp_path / "a1")
     meta = json.loads((adapter / "loraship.json").read_text())
     (adapter / "loraship.json").write_text(json.dumps({**meta, "base_model": str(tmp_path / "no-base")}))
-    assert main(["--adapter", str(adapter)]) == 1
+    assert main(["--adapter", str(adapter), "--output", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "cannot be loaded" in err and "--base-model" in err
     (adapter / "loraship.json").unlink()
-    assert main(["--adapter", str(adapter)]) == 1
+    assert main(["--adapter", str(adapter), "--output", str(tmp_path / "o")]) == 1
     assert "no label map" in capsys.readouterr().err
 
 
@@ -135,3 +136,131 @@ def test_parity_failure_leaves_no_onnx_dir(trained_run: Path, tmp_path: Path, ca
     assert "parity failed" in capsys.readouterr().err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_onnx_parity_failure_leaves_nothing(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import export.to_onnx as to_onnx
+
+    real = to_onnx.validate_onnx
+
+    def broken(onnx_dir: Path, variant: str, *args: object) -> dict:
+        result = real(onnx_dir, variant, *args)
+        assert (onnx_dir / "model.onnx").is_file(), "the ONNX stage ran"
+        return {**result, "max_abs_diff": 1.0} if variant == "fp32" else result
+
+    monkeypatch.setattr(to_onnx, "validate_onnx", broken)
+    out = tmp_path / "onnx"
+    assert main(["--run", str(trained_run), "--output", str(out), "--merged-dir", str(tmp_path / "merged")]) == 1
+    assert "ONNX fp32 parity failed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"], "no ONNX dir, no temp dir"
+
+
+def test_max_int8_drop_demotes_int8(trained_run: Path, toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import export.gate as gate_mod
+
+    real = gate_mod.onnx_predict
+
+    def worse_int8(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
+        pred = real(onnx_dir, variant, texts, threads)
+        if variant == "int8":
+            pred[:4] = (pred[:4] + 1) % 4  # 4 of 40 rows wrong: 10 points worse
+        return pred
+
+    monkeypatch.setattr(gate_mod, "onnx_predict", worse_int8)
+    out = tmp_path / "onnx"
+    assert main(["--run", str(trained_run), "--output", str(out), "--eval-file", str(toy_data / "test.jsonl"), "--max-int8-drop", "0.3"]) == 0
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["gate"]["int8_drop_points"] > 0.3
+    assert report["default_variant"] == "fp32" and "fp32 is the default" in report["gate"]["verdict"]
+    info = json.loads((out / "export_report.json").read_text())
+    assert info["inputs"]["max_int8_drop"] == 0.3
+
+
+def test_without_eval_file_int8_needs_agreement_on_every_parity_text(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "onnx"
+    assert main(["--run", str(trained_run), "--output", str(out)]) == 0
+    report = json.loads((out / "export_report.json").read_text())
+    gate = report["gate"]
+    assert gate["by"].startswith("int8 vs fp32 agreement") and gate["rows"] == 32 == report["parity_texts"]["rows"]
+    ok = gate["argmax_agree"] >= 0.98 and gate["max_abs_logit_diff"] <= 1.0
+    assert report["default_variant"] == ("int8" if ok else "fp32")
+    strict = tmp_path / "strict"
+    assert main(["--run", str(trained_run), "--output", str(strict), "--max-int8-logit-diff", "0"]) == 0
+    assert json.loads((strict / "export_report.json").read_text())["default_variant"] == "fp32"
+
+
+@pytest.mark.parametrize("change", ["atol", "eval-contents", "text-field"])
+def test_reuse_fingerprint_covers_every_input(trained_run: Path, toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str) -> None:
+    evalf = tmp_path / "eval.jsonl"
+    shutil.copy(toy_data / "test.jsonl", evalf)
+    out = tmp_path / "onnx"
+    base = ["--run", str(trained_run), "--output", str(out), "--eval-file", str(evalf)]
+    assert main(base) == 0
+    assert main(base) == 0 and "up to date" in capsys.readouterr().out
+    extra: list[str] = []
+    if change == "atol":
+        extra = ["--atol", "1e-3"]
+    elif change == "eval-contents":
+        evalf.write_text("".join(evalf.read_text().splitlines(keepends=True)[:20]))
+    else:
+        evalf.write_text(evalf.read_text().replace('"text"', '"body"'))
+        extra = ["--text-field", "body"]
+    assert main(base + extra) == 1
+    assert "built from other inputs" in capsys.readouterr().err
+
+
+def test_adapter_mode_writes_only_under_its_outputs(trained_run: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    adapter = shutil.copytree(trained_run / "adapter", shared / "adapter")
+    before = sorted(p.name for p in shared.iterdir())
+    out = tmp_path / "out" / "onnx"
+    assert main(["--adapter", str(adapter), "--output", str(out)]) == 0
+    assert sorted(p.name for p in shared.iterdir()) == before, "nothing written beside the adapter"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["onnx"], "the temporary merged model is gone"
+    assert (out / "model_quantized.onnx").is_file()
+
+
+def test_force_never_replaces_a_dir_loraship_did_not_write(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    assert main(["--run", str(trained_run), "--output", str(out), "--force"]) == 1
+    assert "was not written by loraship" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep"
+
+
+def test_export_refuses_a_run_dir_that_is_training(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from serve_cli.fsutil import RunDirLock
+
+    run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("merged", "onnx", "checkpoints"))
+    with RunDirLock(run, "training"):
+        assert main(["--run", str(run)]) == 1
+        assert "in use by another loraship process" in capsys.readouterr().err
+    assert not (run / "onnx").exists() and not (run / "merged").exists()
+
+
+def test_shared_artifacts_hold_no_data_paths_and_texts_only_when_asked(tiny_bert: Path, toy_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train_main(tiny_args(tiny_bert, toy_data, run, "train.epochs=1", "output.embed_sample_texts=false", "lora.init_std=0.02")) == 0
+    meta_text = (run / "adapter" / "loraship.json").read_text()
+    meta = json.loads(meta_text)
+    assert meta["sample_texts"] == [] and str(toy_data) not in meta_text and str(tmp_path) not in meta_text
+    assert meta["config"]["data"]["train"] == "train.jsonl"
+    train_texts = [json.loads(x)["text"] for x in (toy_data / "train.jsonl").read_text().splitlines()]
+    assert not any(t in meta_text for t in train_texts)
+    assert main(["--run", str(run)]) == 0
+    report_text = (run / "onnx" / "export_report.json").read_text()
+    report = json.loads(report_text)
+    assert report["parity_texts"]["from"].startswith("generated") and report["parity_fp32"]["max_abs_diff"] <= 1e-4
+    assert str(toy_data) not in report_text and str(tmp_path) not in report_text
+
+
+def test_outputs_are_readable_by_others(trained_run: Path, tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "onnx"
+        assert main(["--run", str(trained_run), "--output", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "model.onnx").stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,98 @@
+"""Which variant is the default: int8 only if it keeps accuracy.
+
+With an eval file: accuracy of the merged model, ONNX fp32 and ONNX int8 on it, int8 default if it loses at
+most --max-int8-drop points. Without one: int8 must agree with fp32 on the parity texts (argmax agreement
+>= --min-int8-agreement and max abs logit difference <= --max-int8-logit-diff). Predictions go through
+serve_cli's own batching: dynamic int8 picks activation scales per batch, so this is what users reproduce.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.common import ExportError, torch_logits
+
+
+def load_eval_file(path: Path, text_field: str, label_field: str, labels: list[str]) -> tuple[list[str], np.ndarray]:
+    from trainer.data import DataError, encode_labels, load_rows
+
+    try:
+        rows = load_rows(str(path), text_field, label_field)
+        y = encode_labels(rows, {n: i for i, n in enumerate(labels)})
+    except DataError as e:
+        raise ExportError(str(e)) from e
+    return rows.texts, np.array(y)
+
+
+def accuracy_f1(y: np.ndarray, pred: np.ndarray, n_labels: int) -> dict[str, float]:
+    from serve_cli.metrics import classification_report
+
+    report = classification_report(y, pred, [str(i) for i in range(n_labels)])
+    return {"accuracy": report["accuracy"], "f1_weighted": report["f1_weighted"]}
+
+
+def onnx_predict(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
+    """Predictions exactly as `serve_cli predict/eval` makes them."""
+    from serve_cli.__main__ import DEFAULT_BATCH_SIZE, predict_in_order
+    from serve_cli.io import Row
+    from serve_cli.runtime import OnnxClassifier
+
+    clf = OnnxClassifier(onnx_dir, variant=variant, threads=threads or None)
+    rows = (Row(i, i, t) for i, t in enumerate(texts))
+    return np.array([int(p.argmax()) for _, p in predict_in_order(clf, rows, DEFAULT_BATCH_SIZE)])
+
+
+def onnx_logits(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
+    """Logits with serve_cli's batching (length-sorted batches of its default size), in input order."""
+    from serve_cli.__main__ import DEFAULT_BATCH_SIZE
+    from serve_cli.runtime import OnnxClassifier
+
+    clf = OnnxClassifier(onnx_dir, variant=variant, threads=threads or None)
+    encs = clf.encode(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(encs[i].ids))
+    out = np.zeros((len(texts), len(clf.labels)), dtype=np.float32)
+    for b in range(0, len(order), DEFAULT_BATCH_SIZE):
+        idx = order[b : b + DEFAULT_BATCH_SIZE]
+        out[idx] = clf.run([encs[i] for i in idx])
+    return out
+
+
+def eval_gate(onnx_dir: Path, eval_data: tuple[list[str], np.ndarray], merged: Any, tokenizer: Any, meta: dict[str, Any], args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    texts, y = eval_data
+    n = len(meta["labels"])
+    gate: dict[str, Any] = {"by": "eval-file accuracy", "file": args.eval_file.name, "rows": len(y)}
+    pred = np.concatenate([torch_logits(merged, tokenizer, texts[i : i + 64], meta["max_length"], 64).argmax(-1) for i in range(0, len(texts), 64)])
+    gate["merged"] = accuracy_f1(y, pred, n)
+    for variant in ("fp32", "int8"):
+        gate[f"onnx_{variant}"] = accuracy_f1(y, onnx_predict(onnx_dir, variant, texts, args.threads), n)
+    drop = 100 * (gate["onnx_fp32"]["accuracy"] - gate["onnx_int8"]["accuracy"])
+    gate["int8_drop_points"] = drop
+    gate["max_int8_drop_points"] = args.max_int8_drop
+    if drop > args.max_int8_drop:
+        gate["verdict"] = f"int8 loses {drop:.2f} points > {args.max_int8_drop}: fp32 is the default"
+        return "fp32", gate
+    gate["verdict"] = f"int8 within {args.max_int8_drop} points ({drop:+.2f}): int8 is the default"
+    return "int8", gate
+
+
+def agreement_gate(onnx_dir: Path, texts: list[str], args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    fp32 = onnx_logits(onnx_dir, "fp32", texts, args.threads)
+    int8 = onnx_logits(onnx_dir, "int8", texts, args.threads)
+    agree = float((fp32.argmax(-1) == int8.argmax(-1)).mean())
+    diff = float(np.abs(fp32 - int8).max())
+    gate: dict[str, Any] = {
+        "by": "int8 vs fp32 agreement on the parity texts (no --eval-file)",
+        "rows": len(texts),
+        "argmax_agree": agree,
+        "max_abs_logit_diff": diff,
+        "min_argmax_agree": args.min_int8_agreement,
+        "max_logit_diff": args.max_int8_logit_diff,
+    }
+    ok = agree >= args.min_int8_agreement and diff <= args.max_int8_logit_diff
+    gate["verdict"] = (f"int8 agrees with fp32 on {agree:.1%} of {len(texts)} texts, max logit diff {diff:.3f}: "
+                       + ("int8 is the default" if ok else "fp32 is the default"))
+    return ("int8" if ok else "fp32"), gate
