@@ -147,31 +147,53 @@ def training_processes(marker: str) -> list[int]:
     return pids
 
 
-def test_sigkill_to_the_launcher_group_stops_the_workers_and_resume_matches(two_proc_run: Path, tiny_bert: Path, uneven_data: Path, tmp_path: Path) -> None:
-    run = tmp_path / "orphaned"
+def kill_launch_at_step(run: Path, args: list[str], step: int) -> None:
+    """Launch 2 processes, SIGKILL the launcher's process group once `step` is logged (as a scheduler does),
+    then wait until no process of this run is left."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
-           str(REPO / "trainer" / "train.py"), *tiny_args(tiny_bert, uneven_data, run, *TWO_PROC)]
+           str(REPO / "trainer" / "train.py"), *args]
     launcher = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and launcher.poll() is None:
-        if (run / "metrics.jsonl").is_file() and '"step": 7,' in (run / "metrics.jsonl").read_text():
+        if (run / "metrics.jsonl").is_file() and f'"step": {step},' in (run / "metrics.jsonl").read_text():
             break
         time.sleep(0.01)
     assert launcher.poll() is None, "the run ended before it could be cut"
-    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher's process group, as a scheduler does
+    os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait()
     deadline = time.monotonic() + 20
     while training_processes(str(run)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert training_processes(str(run)) == [], "workers outlived their launcher"
-    logged = [e["step"] for e in events(run) if e["event"] == "train"]
-    assert max(logged) < 30, "the workers stopped instead of finishing the run on their own"
 
-    res = launch("cpu_2proc.yaml", tiny_args(tiny_bert, uneven_data, run, *TWO_PROC, "train.resume=latest"))
+
+def resume_and_compare(reference: Path, run: Path, args: list[str]) -> None:
+    res = launch("cpu_2proc.yaml", [*args, "train.resume=latest"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert_same_trained_weights(two_proc_run / "checkpoints" / "step_30" / "model.safetensors", run / "checkpoints" / "step_30" / "model.safetensors")
-    a = load_file(str(two_proc_run / "adapter" / "adapter_model.safetensors"))
+    assert_same_trained_weights(reference / "checkpoints" / "step_30" / "model.safetensors", run / "checkpoints" / "step_30" / "model.safetensors")
+    a = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert [e["step"] for e in events(run) if e["event"] == "train"] == list(range(1, 31))
+
+
+def test_sigkill_to_the_launcher_group_stops_the_workers_and_resume_matches(two_proc_run: Path, tiny_bert: Path, uneven_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "orphaned"
+    args = tiny_args(tiny_bert, uneven_data, run, *TWO_PROC)
+    kill_launch_at_step(run, args, 7)
+    logged = [e["step"] for e in events(run) if e["event"] == "train"]
+    assert max(logged) < 30, "the workers stopped instead of finishing the run on their own"
+    resume_and_compare(two_proc_run, run, args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(5))
+def test_two_process_sigkill_trials(two_proc_run: Path, tiny_bert: Path, uneven_data: Path, tmp_path: Path, trial: int) -> None:
+    import random
+
+    run = tmp_path / "cut"
+    args = tiny_args(tiny_bert, uneven_data, run, *TWO_PROC)
+    kill_launch_at_step(run, args, random.Random(2000 + trial).randint(2, 26))
+    resume_and_compare(two_proc_run, run, args)
