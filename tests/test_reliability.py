@@ -273,3 +273,28 @@ def test_stale_lock_of_a_killed_run_is_taken_over(tiny_bert: Path, toy_data: Pat
     holder = json.loads((run / ".lock").read_text())
     assert main(tiny_args(tiny_bert, toy_data, run, *KILL_ARGS, "train.resume=latest")) == 0
     assert f"took over the stale lock of pid {holder['pid']}" in capsys.readouterr().err
+
+
+def test_output_overwrite_replaces_only_a_run_dir_loraship_wrote(tiny_bert: Path, data60: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert main(tiny_args(tiny_bert, data60, mine, "train.max_steps=2", "output.overwrite=true")) == 1
+    assert "only replaces a run dir that loraship wrote" in capsys.readouterr().err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    run = tmp_path / "run"
+    assert main(tiny_args(tiny_bert, data60, run, "train.max_steps=2")) == 0
+    assert main(tiny_args(tiny_bert, data60, run, "train.max_steps=3", "output.overwrite=true")) == 0
+    assert [e["step"] for e in events(run, "train")] == [1, 2, 3]
+
+
+def test_export_gate_takes_integer_labels(trained_run: Path, toy_data: Path, tmp_path: Path) -> None:
+    from export.to_onnx import main as export_main
+
+    labels = json.loads((trained_run / "adapter" / "loraship.json").read_text())["labels"]
+    rows = [json.loads(x) for x in (toy_data / "test.jsonl").read_text().splitlines()]
+    evalf = tmp_path / "int.jsonl"
+    evalf.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": r["text"], "label": labels.index(r["label"])}) + "\n" for r in rows).encode())
+    assert export_main(["--run", str(trained_run), "--output", str(tmp_path / "onnx"), "--eval-file", str(evalf)]) == 0
+    gate = json.loads((tmp_path / "onnx" / "export_report.json").read_text())["gate"]
+    assert gate["rows"] == 40
