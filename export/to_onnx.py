@@ -39,6 +39,7 @@ from export.gate import agreement_gate, eval_gate, load_eval_file
 from export.merge import generated_texts, merge, read_adapter
 from export.quantize import QUANTIZATION_METHODS, auto_quantization, quantize
 from serve_cli.fsutil import OutputError, RunDirLock, atomic_dir, temp_dir_beside
+from trainer.quiet import quiet_third_party
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads for validation (0 = all cores)")
     p.add_argument("--force", action="store_true", help="rebuild the merged and ONNX dirs (only ones loraship wrote)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--verbose", action="store_true", help="show third-party warnings too (or LORASHIP_VERBOSE=1)")
     args = p.parse_args(argv)
     if args.adapter is not None and args.output is None:
         p.error("--adapter needs --output: the export writes only under its outputs, never beside the adapter")
@@ -150,6 +152,7 @@ def output_paths(args: argparse.Namespace) -> Iterator[tuple[Path, Path, Path, b
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_third_party(args.verbose)
     try:
         with output_paths(args) as (adapter_dir, merged_dir, onnx_dir, merged_is_temp):
             return run(args, adapter_dir, merged_dir, onnx_dir, merged_is_temp)

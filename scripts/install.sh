@@ -1,15 +1,42 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install the project into it: torch's CPU build first (a bare `torch`
-# requirement would pull a multi-GB CUDA build), then loraship with the given extras.
+# Create .venv (if missing) and install the project into it: torch first, then loraship with the given
+# extras (pinned ranges). torch: on a machine with a working NVIDIA GPU (nvidia-smi lists one), the CUDA
+# build from PyPI; without one, the CPU build from PyTorch's CPU wheel index where it is reachable (a bare
+# `pip install torch` on Linux pulls the multi-GB CUDA build), else whatever pip resolves. One line says
+# which torch was installed. LORASHIP_VERBOSE=1 shows pip's and setuptools' own messages.
 # Usage: bash scripts/install.sh [extras]   e.g. bash scripts/install.sh test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/pip install -q torch==2.13.0
-if [ -n "$extras" ]; then
-  .venv/bin/pip install -q -e ".[$extras]"
+TORCH_VERSION=2.13.0
+quiet=(-qq)
+if [ "${LORASHIP_VERBOSE:-0}" != "0" ]; then
+  quiet=(-q)
 else
-  .venv/bin/pip install -q -e .
+  # setuptools' "Editable installation" banner is expected for `pip install -e`; nothing to act on.
+  export PYTHONWARNINGS="ignore:Editable installation:Warning${PYTHONWARNINGS:+,$PYTHONWARNINGS}"
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install "${quiet[@]}" --upgrade pip >/dev/null 2>&1 || true
+
+new_torch=0
+have=$(.venv/bin/python -c 'import torch; print(torch.__version__)' 2>/dev/null || true)
+if [ "${have%%+*}" != "$TORCH_VERSION" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    .venv/bin/pip install "${quiet[@]}" "torch==$TORCH_VERSION"
+  elif ! .venv/bin/pip install "${quiet[@]}" --index-url https://download.pytorch.org/whl/cpu --timeout 20 --retries 1 \
+      "torch==$TORCH_VERSION" 2>/dev/null; then
+    echo "install: PyTorch's CPU wheel index is not reachable; installing torch==$TORCH_VERSION as pip resolves it" >&2
+    .venv/bin/pip install "${quiet[@]}" "torch==$TORCH_VERSION"
+  fi
+  new_torch=1
+fi
+if [ -n "$extras" ]; then
+  .venv/bin/pip install "${quiet[@]}" -e ".[$extras]"
+else
+  .venv/bin/pip install "${quiet[@]}" -e .
+fi
+if [ "$new_torch" = 1 ]; then
+  .venv/bin/python -c 'import torch; kind = "CUDA " + torch.version.cuda if torch.version.cuda else "CPU"
+print(f"install: torch {torch.__version__} ({kind} build; GPU visible: {torch.cuda.is_available()})")'
 fi

@@ -141,7 +141,10 @@ class TrainConfig:
 
 @dataclass
 class OutputConfig:
-    run_dir: str = field(default="runs/agnews_minilm", metadata={"doc": "Run directory (config, checkpoints, adapter, metrics)."})
+    run_dir: str = field(
+        default="",
+        metadata={"doc": "Run directory (config, checkpoints, adapter, metrics); empty = runs/<name of the training file>."},
+    )
     overwrite: bool = field(default=False, metadata={"doc": "Replace an existing run dir (otherwise it is an error unless resuming)."})
     tensorboard: bool = field(default=True, metadata={"doc": "Also log to TensorBoard under run_dir/tb when tensorboard is installed."})
     embed_sample_texts: bool = field(
@@ -276,7 +279,6 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         (cfg.train.patience >= 0, "train.patience: expected >= 0"),
         (cfg.train.log_every >= 1, "train.log_every: expected >= 1"),
         (cfg.train.cpu_threads >= 0, "train.cpu_threads: expected >= 0"),
-        (bool(cfg.output.run_dir), "output.run_dir: must not be empty"),
     ]
     problems.extend(msg for ok, msg in checks if not ok)
 
@@ -289,7 +291,8 @@ def resolve_data_path(source: str, data_dir: str) -> str:
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
-    """Build a Config from defaults, a YAML file, then `key=value` overrides; raise ConfigError listing all problems."""
+    """Build a Config from defaults, a YAML file (optional), then `key=value` overrides; raise ConfigError
+    listing all problems. Without a file, relative data paths are read from the current directory."""
     cfg = Config()
     problems: list[str] = []
     config_dir = "."
@@ -323,6 +326,10 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
         _apply(cfg, nested, "", problems)
     if not cfg.data.data_dir:
         cfg.data.data_dir = config_dir
+    if not cfg.output.run_dir and cfg.data.train:
+        # `python trainer/train.py data.train=reviews.csv` trains into runs/reviews.
+        name = cfg.data.train.rstrip("/").replace(":", "/").split("/")[-1]
+        cfg.output.run_dir = str(Path("runs") / (Path(name).stem or "run"))
     _validate(cfg, problems)
     if problems:
         raise ConfigError(problems)

@@ -93,7 +93,7 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, labels: list[str],
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
         trust_remote_code=model_cfg.trust_remote_code,
-        torch_dtype=torch.float32,  # master weights stay fp32; mixed precision is autocast
+        dtype=torch.float32,  # master weights stay fp32; mixed precision is autocast
     )
     model_type = base.config.model_type
     heads = head_modules(model_type, lora_cfg)

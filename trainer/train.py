@@ -2,6 +2,7 @@
 
     accelerate launch trainer/train.py --config configs/agnews_minilm.yaml [key=value ...]
     python trainer/train.py --config configs/agnews_minilm.yaml train.epochs=1 output.run_dir=runs/quick
+    python trainer/train.py data.train=reviews.csv data.text_field=review data.label_field=stars
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml trainer/train.py --config configs/tiny.yaml
 
 Writes the run dir: config.yaml (resolved), adapter/ (best adapter + head, tokenizer, labels),
@@ -63,6 +64,7 @@ from trainer.modeling import (
     trainable_summary,
     write_adapter_meta,
 )
+from trainer.quiet import quiet_third_party
 
 
 class TrainingError(RuntimeError):
@@ -122,8 +124,9 @@ class Run:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="LoRA fine-tuning for text classification (Accelerate).")
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4")
+    p.add_argument("--config", help="YAML config (see configs/); without one, the defaults and the overrides")
+    p.add_argument("--verbose", action="store_true", help="show third-party warnings too (or LORASHIP_VERBOSE=1)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.train=my.csv train.lr=3e-4")
     return p.parse_args(argv)
 
 
@@ -621,6 +624,7 @@ def write_predictions(path: Path, split: tuple[list[str], list[int]], labels: li
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_third_party(args.verbose)
     try:
         cfg: Config = load_config(args.config, args.overrides)
         mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
