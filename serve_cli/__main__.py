@@ -83,6 +83,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     inf = sub.add_parser("info", help="labels, variants and export report summary of an ONNX dir")
     inf.add_argument("--model", required=True)
+
+    sv = sub.add_parser("serve", help="HTTP service with dynamic batching (needs: pip install loraship[serve])")
+    sv.add_argument("--model", required=True)
+    sv.add_argument("--variant", choices=sorted(VARIANT_FILES), help="model variant (default: the export's default)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores)")
+    sv.add_argument("--max-batch-tokens", type=positive, default=16384, help="padded tokens in one model run")
+    sv.add_argument("--max-batch-size", type=positive, default=64, help="rows merged into one batch")
+    sv.add_argument("--max-wait-ms", type=float, default=2.0, help="how long an idle batcher waits for more requests")
+    sv.add_argument("--max-queue", type=positive, default=2048, help="rows waiting before requests get 429")
+    sv.add_argument("--max-client-batch-size", type=positive, default=256, help="inputs in one request (more: 413)")
+    sv.add_argument("--payload-limit", type=positive, default=2_000_000, help="bytes in one request body (more: 413)")
+    sv.add_argument("--request-timeout", type=float, default=30.0, help="seconds before a request gets 504")
+    sv.add_argument("--log-texts", action="store_true", help="log request texts (off: only method, path, status, rows, ms)")
+    sv.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     args = p.parse_args(argv)
     if getattr(args, "errors_file", None) and args.on_error != "record":
         p.error("--errors-file needs --on-error record (bad rows are only written to a file when recorded)")
@@ -392,6 +408,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from serve_cli.http import Limits, serve
+    except ImportError as e:
+        raise InputError(f"serve needs the server extra ({e.name} is missing): pip install 'loraship[serve]'") from e
+    limits = Limits(max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                    max_queue=args.max_queue, max_client_batch_size=args.max_client_batch_size,
+                    payload_limit=args.payload_limit, request_timeout_s=args.request_timeout)
+    return serve(args.model, args.variant, args.host, args.port, args.threads, limits, args.log_texts, args.log_level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -399,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_predict(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_info(args)
     except (InputError, ModelDirError, OutputError, RowFailure) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,367 @@
+"""`serve_cli serve`: the ONNX export as an HTTP service with dynamic batching, torch-free.
+
+    serve_cli serve --model runs/agnews_minilm/onnx --port 8080
+    curl -s localhost:8080/predict -H 'content-type: application/json' -d '{"inputs": "Stocks rally as oil falls"}'
+
+`POST /predict` takes and answers what Hugging Face text-embeddings-inference (TEI) does for sequence
+classifiers: `{"inputs": "text" | ["a", "b"], "raw_scores": false, "truncate": true}` -> every label with
+its score, best first (a list of such lists for a batch); `top_k` keeps only the best k. Errors are JSON
+`{"error", "error_type"}`: 413 payload or batch too large (or too long with truncate=false), 422 bad input,
+429 queue full (with Retry-After), 504 timeout. `GET /health`, `/ready`, `/info`, `/metrics` (Prometheus),
+`/docs` (OpenAPI), and a try-it page at `/`.
+
+Concurrent requests are merged: the batcher waits at most --max-wait-ms after the first request, takes
+up to --max-batch-size rows, and one worker thread (owning the ONNX session) runs them length-sorted in
+sub-batches under --max-batch-tokens. The event loop never runs the model, so it keeps answering
+/health while the model works. Each request gets exactly its own rows back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from serve_cli.page import PAGE
+from serve_cli.runtime import OnnxClassifier, softmax
+
+log = logging.getLogger("serve_cli.http")
+
+
+@dataclass
+class Limits:
+    """Defaults sized for a 2-core machine (see the README's serving benchmark)."""
+
+    max_batch_tokens: int = 16384  # padded tokens in one ONNX run (rows x longest row)
+    max_batch_size: int = 64  # rows merged into one batch
+    max_wait_ms: float = 2.0  # how long the first request of an idle batcher waits for company
+    max_queue: int = 2048  # rows waiting before new requests get 429
+    max_client_batch_size: int = 256  # inputs in one request
+    payload_limit: int = 2_000_000  # bytes of one request body
+    request_timeout_s: float = 30.0  # a request not answered by then gets 504
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.error_type, self.headers = status, message, error_type, headers or {}
+
+
+@dataclass
+class Job:
+    texts: list[str]
+    truncate: bool
+    future: asyncio.Future[Any]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Metrics:
+    """Prometheus metrics in a registry of this app's own (several apps in one process stay apart)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("loraship_requests", "HTTP requests by path and status", ["path", "status"], registry=self.registry)
+        self.latency = Histogram("loraship_request_seconds", "request latency", ["path"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.batch_rows = Histogram("loraship_batch_rows", "rows per model run", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.batch_tokens = Histogram("loraship_batch_tokens", "padded tokens per model run", registry=self.registry,
+                                      buckets=(64, 256, 1024, 4096, 8192, 16384, 32768, 65536))
+        self.queue_rows = Gauge("loraship_queue_rows", "rows waiting for the model", registry=self.registry)
+        self.rows = Counter("loraship_rows", "rows predicted", registry=self.registry)
+
+
+class Batcher:
+    """Merges concurrent requests into batches; a single worker thread owns the ONNX session."""
+
+    def __init__(self, clf: OnnxClassifier, limits: Limits, metrics: Metrics) -> None:
+        self.clf, self.limits, self.metrics = clf, limits, metrics
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.pending_rows = 0
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.executor.shutdown(wait=True)
+
+    async def submit(self, texts: list[str], truncate: bool) -> np.ndarray:
+        """Logits for `texts`, in order; 429 when the queue is full, 504 after the request timeout."""
+        if self.pending_rows + len(texts) > self.limits.max_queue:
+            raise ApiError(429, f"queue full ({self.pending_rows} rows waiting, limit {self.limits.max_queue}); retry shortly",
+                           "Overloaded", {"Retry-After": "1"})
+        job = Job(texts, truncate, asyncio.get_running_loop().create_future())
+        self.pending_rows += len(texts)
+        self.metrics.queue_rows.set(self.pending_rows)
+        await self.queue.put(job)
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), self.limits.request_timeout_s)
+        except TimeoutError:
+            job.future.cancel()  # the batcher skips it if it has not run yet
+            raise ApiError(504, f"no answer within {self.limits.request_timeout_s:g}s", "Timeout") from None
+
+    async def _collect(self) -> list[Job]:
+        jobs = [await self.queue.get()]
+        rows = len(jobs[0].texts)
+        deadline = asyncio.get_running_loop().time() + self.limits.max_wait_ms / 1000
+        while rows < self.limits.max_batch_size:
+            try:
+                job = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), remaining)
+                except TimeoutError:
+                    break
+            jobs.append(job)
+            rows += len(job.texts)
+        return jobs
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._collect()
+            self.pending_rows -= sum(len(j.texts) for j in jobs)
+            self.metrics.queue_rows.set(self.pending_rows)
+            jobs = [j for j in jobs if not j.future.done()]
+            if not jobs:
+                continue
+            try:
+                results = await loop.run_in_executor(self.executor, self._infer, jobs)
+            except Exception as e:  # a model failure answers its requests; the batcher goes on
+                log.exception("model run failed")
+                results = [ApiError(500, f"model run failed: {type(e).__name__}: {e}", "Backend") for _ in jobs]
+            for job, result in zip(jobs, results, strict=True):
+                if job.future.done():
+                    continue
+                if isinstance(result, ApiError):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+
+    def _infer(self, jobs: list[Job]) -> list[np.ndarray | ApiError]:
+        """Worker thread: tokenize every row, run length-sorted sub-batches under the token budget."""
+        texts = [t for j in jobs for t in j.texts]
+        encs = self.clf.encode(texts)
+        owner = [k for k, j in enumerate(jobs) for _ in j.texts]
+        too_long = {owner[i] for i, e in enumerate(encs) if e.overflowing and not jobs[owner[i]].truncate}
+        order = sorted((i for i in range(len(texts)) if owner[i] not in too_long), key=lambda i: len(encs[i].ids))
+        logits = np.zeros((len(texts), len(self.clf.labels)), dtype=np.float32)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            # Rows are sorted by length, so the last row of a sub-batch sets its padded width.
+            while end < len(order) and end - start < self.limits.max_batch_size and \
+                    (end - start + 1) * len(encs[order[end]].ids) <= self.limits.max_batch_tokens:
+                end += 1
+            idx = order[start:end]
+            logits[idx] = self.clf.run([encs[i] for i in idx])
+            self.metrics.batch_rows.observe(len(idx))
+            self.metrics.batch_tokens.observe(len(idx) * len(encs[idx[-1]].ids))
+            start = end
+        self.metrics.rows.inc(len(order))
+        out: list[np.ndarray | ApiError] = []
+        offset = 0
+        for k, job in enumerate(jobs):
+            n = len(job.texts)
+            if k in too_long:
+                out.append(ApiError(413, f"an input is longer than the model's {self.clf.max_length} tokens and truncate is false",
+                                    "Validation"))
+            else:
+                out.append(logits[offset : offset + n])
+            offset += n
+        return out
+
+
+def parse_predict(body: bytes, limits: Limits) -> tuple[list[str], bool, bool, bool, int | None]:
+    """(texts, single, raw_scores, truncate, top_k) of a /predict body, or ApiError 413/422."""
+    try:
+        req = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(422, f"body is not valid JSON: {e}", "Validation") from None
+    if not isinstance(req, dict) or "inputs" not in req:
+        raise ApiError(422, 'expected a JSON object with "inputs": a string or a list of strings', "Validation")
+    inputs = req["inputs"]
+    single = isinstance(inputs, str)
+    texts = [inputs] if single else inputs
+    if not isinstance(texts, list) or not texts:
+        raise ApiError(422, '"inputs" must be a non-empty string or a non-empty list of strings', "Empty" if texts == [] else "Validation")
+    if len(texts) > limits.max_client_batch_size:
+        raise ApiError(413, f"{len(texts)} inputs in one request; the limit is {limits.max_client_batch_size}", "Validation")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ApiError(422, f"inputs[{i}] must be a string, got {type(t).__name__}", "Validation")
+        if not t.strip():
+            raise ApiError(422, f"inputs[{i}] is empty", "Empty")
+    flags = {}
+    for name, default in (("raw_scores", False), ("truncate", True)):
+        value = req.get(name, default)
+        if not isinstance(value, bool):
+            raise ApiError(422, f'"{name}" must be true or false', "Validation")
+        flags[name] = value
+    top_k = req.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ApiError(422, '"top_k" must be a positive integer or null', "Validation")
+    return texts, single, flags["raw_scores"], flags["truncate"], top_k
+
+
+def scores(logits: np.ndarray, labels: list[str], raw: bool, top_k: int | None) -> list[list[dict[str, Any]]]:
+    values = logits if raw else softmax(logits)
+    out = []
+    for row in values:
+        order = np.argsort(-row)[: top_k or len(labels)]
+        out.append([{"score": float(row[i]), "label": labels[i]} for i in order])
+    return out
+
+
+def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: bool = False) -> Any:
+    limits = limits or Limits()
+    metrics = Metrics()
+    state: dict[str, Any] = {"ready": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        batcher = Batcher(clf, limits, metrics)
+        batcher.start()
+        state["batcher"] = batcher
+        await batcher.submit(["warm up"], True)  # the first ONNX run allocates; users should not wait for it
+        state["ready"] = True
+        log.info("ready: %s (%s), labels %s", clf.model_dir, clf.variant, clf.labels)
+        yield
+        state["ready"] = False
+        await batcher.stop()
+
+    app = FastAPI(title="loraship serve_cli", version=_version(), lifespan=lifespan)
+
+    @app.middleware("http")
+    async def access(request: Request, call_next):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        request.state.rows = 0
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error")
+            response = JSONResponse({"error": "internal error", "error_type": "Backend"}, status_code=500)
+        ms = 1000 * (time.perf_counter() - t0)
+        path = request.url.path if request.url.path in _KNOWN_PATHS else "other"
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(ms / 1000)
+        response.headers["x-total-time"] = f"{ms:.1f}"
+        log.info("%s %s %d rows=%d %.1fms", request.method, request.url.path, response.status_code, request.state.rows, ms)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message, "error_type": exc.error_type}, status_code=exc.status, headers=exc.headers)
+
+    @app.post("/predict", summary="TEI-compatible sequence classification", openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": PREDICT_SCHEMA}}}})
+    async def predict(request: Request) -> JSONResponse:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limits.payload_limit:
+            raise ApiError(413, f"payload of {size} bytes; the limit is {limits.payload_limit}", "Validation")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.payload_limit:
+                raise ApiError(413, f"payload over {limits.payload_limit} bytes", "Validation")
+        texts, single, raw, truncate, top_k = parse_predict(bytes(body), limits)
+        request.state.rows = len(texts)
+        if log_texts:
+            log.info("texts: %s", json.dumps(texts, ensure_ascii=False)[:2000])
+        if not state["ready"]:
+            raise ApiError(503, "model is loading", "Unhealthy")
+        logits = await state["batcher"].submit(texts, truncate)
+        result = scores(logits, clf.labels, raw, top_k)
+        return JSONResponse(result[0] if single else result)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    @app.get("/info")
+    async def info() -> dict[str, Any]:
+        return {
+            "model": str(clf.model_dir), "labels": clf.labels, "variant": clf.variant,
+            "quantization": (clf.report.get("quantization") or {}).get("method") if clf.variant == "int8" else None,
+            "max_length": clf.max_length, "limits": asdict(limits), "version": _version(),
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return PAGE
+
+    return app
+
+
+PREDICT_SCHEMA = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "inputs": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+                   "description": "a text, or a list of texts (answered with a list of lists)"},
+        "raw_scores": {"type": "boolean", "default": False, "description": "logits instead of probabilities"},
+        "truncate": {"type": "boolean", "default": True, "description": "false: inputs over max_length tokens get 413"},
+        "top_k": {"type": ["integer", "null"], "default": None, "description": "only the k best labels"},
+    },
+    "example": {"inputs": "Stocks rally as oil prices fall"},
+}
+
+_KNOWN_PATHS = {"/predict", "/health", "/ready", "/info", "/metrics", "/"}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("loraship")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def serve(model: str, variant: str | None, host: str, port: int, threads: int, limits: Limits, log_texts: bool, log_level: str) -> int:
+    """Run until SIGINT/SIGTERM: uvicorn stops accepting, in-flight requests finish, then exit 0."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn re-raises the stopping signal after its graceful shutdown (exit status -15);
+            # a stop that answered every request in flight is a clean exit here: status 0.
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    clf = OnnxClassifier(model, variant=variant, threads=threads or None)
+    app = create_app(clf, limits, log_texts)
+    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level=log_level, timeout_graceful_shutdown=60)
+    Server(config).run()
+    return 0

@@ -1,0 +1,265 @@
+"""serve_cli serve: a real server in a subprocess on 127.0.0.1 (random free port), real HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from serve_cli.__main__ import main as cli_main
+from serve_cli.runtime import OnnxClassifier, softmax
+from tests.conftest import REPO, make_texts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "serve_cli", "serve", "--model", str(model), "--port", str(self.port), *args],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read() if self.proc.stdout else ""
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError("server did not become ready")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
+
+@pytest.fixture(scope="module")
+def fp32_server(exported: Path) -> Iterator[Server]:
+    server = Server(exported, "--variant", "fp32")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return [t for t, _ in make_texts(200, seed=21, min_words=1, max_words=40)]
+
+
+def predict_file(model: Path, texts: list[str], variant: str, tmp_path: Path) -> list[dict]:
+    src = tmp_path / f"in-{variant}.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / f"out-{variant}.jsonl"
+    assert cli_main(["predict", "--model", str(model), "--input", str(src), "--output", str(out), "--variant", variant,
+                     "--top-k", "4", "--quiet"]) == 0
+    return [json.loads(x) for x in out.read_text().splitlines()]
+
+
+def test_endpoints(fp32_server: Server, exported: Path) -> None:
+    url = fp32_server.url
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/ready").json() == {"ready": True}
+    info = httpx.get(f"{url}/info").json()
+    assert info["labels"] == ["Business", "Sci/Tech", "Sports", "World"] and info["variant"] == "fp32"
+    assert info["max_length"] == 32 and info["limits"]["max_client_batch_size"] == 256 and info["version"]
+    assert httpx.get(f"{url}/docs").status_code == 200 and "/predict" in httpx.get(f"{url}/openapi.json").text
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and 'id="top-label"' in page.text
+    httpx.post(f"{url}/predict", json={"inputs": "game team"})
+    metrics = httpx.get(f"{url}/metrics").text
+    for name in ("loraship_requests_total", "loraship_request_seconds_bucket", "loraship_batch_rows_bucket",
+                 "loraship_batch_tokens_bucket", "loraship_queue_rows"):
+        assert name in metrics
+    assert 'loraship_requests_total{path="/predict",status="200"}' in metrics
+
+
+def test_tei_request_and_response_shapes(fp32_server: Server, exported: Path) -> None:
+    url, clf = fp32_server.url, OnnxClassifier(exported, variant="fp32")
+    one = httpx.post(f"{url}/predict", json={"inputs": "stock market profit"})
+    assert one.status_code == 200 and "x-total-time" in one.headers
+    body = one.json()
+    assert [set(x) for x in body] == [{"score", "label"}] * 4
+    assert [x["score"] for x in body] == sorted((x["score"] for x in body), reverse=True)
+    assert sum(x["score"] for x in body) == pytest.approx(1.0, abs=1e-5)
+    batch = httpx.post(f"{url}/predict", json={"inputs": ["stock market", "game team"], "truncate": True}).json()
+    assert len(batch) == 2 and all(len(r) == 4 for r in batch)
+    raw = httpx.post(f"{url}/predict", json={"inputs": ["stock market"], "raw_scores": True}).json()[0]
+    logits = clf.logits(["stock market"])[0]
+    assert {x["label"]: x["score"] for x in raw} == pytest.approx(dict(zip(clf.labels, logits.tolist(), strict=True)), abs=1e-5)
+    top2 = httpx.post(f"{url}/predict", json={"inputs": "stock market", "top_k": 2}).json()
+    assert (len(top2) == 2 and top2[0] == body[0]) or top2[0]["label"] == clf.labels[int(softmax(logits).argmax())]
+
+
+@pytest.mark.parametrize("payload, status, error_type", [
+    ({"inputs": ""}, 422, "Empty"),
+    ({"inputs": []}, 422, "Empty"),
+    ({"inputs": [1, 2]}, 422, "Validation"),
+    ({"text": "no inputs"}, 422, "Validation"),
+    ({"inputs": "a", "raw_scores": "yes"}, 422, "Validation"),
+    ({"inputs": ["a"] * 257}, 413, "Validation"),
+    ({"inputs": " ".join(["market"] * 100), "truncate": False}, 413, "Validation"),
+])
+def test_errors_are_json_with_their_codes(fp32_server: Server, payload: dict, status: int, error_type: str) -> None:
+    r = httpx.post(f"{fp32_server.url}/predict", json=payload)
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error", "error_type"} and r.json()["error_type"] == error_type
+
+
+def test_bad_json_and_oversized_payload(fp32_server: Server) -> None:
+    r = httpx.post(f"{fp32_server.url}/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error_type"] == "Validation"
+    big = json.dumps({"inputs": "x" * 2_100_000}).encode()
+    r = httpx.post(f"{fp32_server.url}/predict", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "payload" in r.json()["error"]
+
+
+async def _concurrent(url: str, requests: list[list[str]], clients: int) -> list[httpx.Response]:
+    queue: asyncio.Queue[tuple[int, list[str]]] = asyncio.Queue()
+    for item in enumerate(requests):
+        queue.put_nowait(item)
+    out: list[httpx.Response | None] = [None] * len(requests)
+
+    async def client() -> None:
+        async with httpx.AsyncClient(timeout=60) as c:
+            while not queue.empty():
+                i, texts = queue.get_nowait()
+                out[i] = await c.post(f"{url}/predict", json={"inputs": texts})
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return out  # type: ignore[return-value]
+
+
+def _requests(texts: list[str]) -> list[list[str]]:
+    # 200 requests of 1 to 5 texts each, so batches mix requests of different sizes.
+    return [[texts[(i * 7 + k) % len(texts)] for k in range(1 + i % 5)] for i in range(200)]
+
+
+def test_200_concurrent_requests_match_serve_cli_predict_fp32(fp32_server: Server, exported: Path, texts: list[str], tmp_path: Path) -> None:
+    reqs = _requests(texts)
+    responses = asyncio.run(_concurrent(fp32_server.url, reqs, 32))
+    assert all(r.status_code == 200 for r in responses)
+    expected = {t: p for t, p in zip(texts, predict_file(exported, texts, "fp32", tmp_path), strict=True)}
+    for req, r in zip(reqs, responses, strict=True):
+        body = r.json()
+        assert len(body) == len(req), "each request gets exactly its own rows"
+        for text, labels in zip(req, body, strict=True):
+            ref = {x["label"]: x["score"] for x in expected[text]["top_k"]}
+            assert {x["label"]: x["score"] for x in labels} == pytest.approx(ref, abs=1e-5)
+
+
+def test_int8_server_agrees_with_serve_cli_predict(exported: Path, texts: list[str], tmp_path: Path) -> None:
+    server = Server(exported, "--variant", "int8")
+    try:
+        # 1. The same batches as serve_cli forms (length-sorted, 32 rows), one request each: identical outputs.
+        clf = OnnxClassifier(exported, variant="int8")
+        encs = clf.encode(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(encs[i].ids))
+        batches = [[texts[i] for i in order[b : b + 32]] for b in range(0, len(order), 32)]
+        same_batches = [httpx.post(f"{server.url}/predict", json={"inputs": b}, timeout=30).json() for b in batches]
+        # 2. 200 concurrent requests: the server's batches mix rows of other requests.
+        reqs = _requests(texts)
+        responses = asyncio.run(_concurrent(server.url, reqs, 32))
+    finally:
+        server.stop()
+    expected = {t: p for t, p in zip(texts, predict_file(exported, texts, "int8", tmp_path), strict=True)}
+    for batch, body in zip(batches, same_batches, strict=True):
+        for text, labels in zip(batch, body, strict=True):
+            ref = {x["label"]: x["score"] for x in expected[text]["top_k"]}
+            assert {x["label"]: x["score"] for x in labels} == pytest.approx(ref, abs=1e-5)
+    agree = np.mean([expected[t]["label"] == labels[0]["label"]
+                     for req, r in zip(reqs, responses, strict=True) for t, labels in zip(req, r.json(), strict=True)])
+    # Dynamic int8 picks activation scales per batch, so a row's result depends on its batch mates. This tiny
+    # random model is a worst case (its int8 agrees with fp32 on only ~90% of rows); with identical batches the
+    # outputs are identical (above), so the rest is batching alone. The AG News model's agreement under load is
+    # measured by benchmarks/serve_http.py (README).
+    assert agree >= 0.9, agree
+
+
+def test_overload_answers_200_or_429_and_health_stays_up(exported: Path) -> None:
+    server = Server(exported, "--max-queue", "8", "--max-batch-size", "4", "--max-wait-ms", "20")
+    try:
+        async def flood() -> tuple[list[int], list[int]]:
+            health: list[int] = []
+
+            async def probe() -> None:
+                async with httpx.AsyncClient(timeout=30) as c:
+                    for _ in range(20):
+                        health.append((await c.get(f"{server.url}/health")).status_code)
+                        await asyncio.sleep(0.01)
+
+            reqs = [["stock market profit shares today"] * 4] * 200
+            responses, _ = await asyncio.gather(_concurrent(server.url, reqs, 64), probe())
+            for r in responses:
+                if r.status_code == 429:
+                    assert r.headers["retry-after"] == "1" and r.json()["error_type"] == "Overloaded"
+            return [r.status_code for r in responses], health
+
+        codes, health = asyncio.run(flood())
+        assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, sorted(set(codes))
+        assert health == [200] * 20
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_sigterm_answers_every_request_in_flight(exported: Path) -> None:
+    # A long batching wait keeps requests in flight when SIGTERM arrives.
+    server = Server(exported, "--max-wait-ms", "400", "--max-batch-size", "1000")
+
+    async def run() -> list[int]:
+        async def one(c: httpx.AsyncClient) -> int:
+            return (await c.post(f"{server.url}/predict", json={"inputs": ["game team"] * 3})).status_code
+
+        async with httpx.AsyncClient(timeout=30) as c:
+            tasks = [asyncio.create_task(one(c)) for _ in range(20)]
+            await asyncio.sleep(0.15)
+            server.proc.send_signal(signal.SIGTERM)
+            return list(await asyncio.gather(*tasks))
+
+    codes = asyncio.run(run())
+    assert codes == [200] * 20
+    assert server.proc.wait(timeout=30) == 0
+    log = server.stop()
+    assert "/predict 200 rows=3" in log and "game team" not in log, "one line per request, no texts"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("CI"), reason="chromium not installed (.ci/run installs it)")
+def test_try_it_page_in_a_real_browser(fp32_server: Server, exported: Path, tmp_path: Path) -> None:
+    browser = shutil.which("chromium")
+    assert browser, "chromium is missing: .ci/run installs it with apt-get"
+    text = "stock market profit shares"
+    expected = OnnxClassifier(exported, variant="fp32").labels[int(OnnxClassifier(exported, variant="fp32").logits([text])[0].argmax())]
+    url = f"{fp32_server.url}/?text={text.replace(' ', '+')}&autorun=1"
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+              "--virtual-time-budget=5000"]
+    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert f'<strong id="top-label">{expected}</strong>' in dom.stdout, dom.stdout[-2000:] + dom.stderr[-2000:]
+    assert 'class="bar"' in dom.stdout and "variant: fp32" in dom.stdout
+    shot = tmp_path / "page.png"
+    subprocess.run([*common, "--window-size=900,700", f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
