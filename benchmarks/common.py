@@ -34,8 +34,17 @@ def machine() -> dict[str, Any]:
         pass
     from importlib.metadata import version
 
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "asimd", "fma")))
+                break
+    except OSError:
+        pass
     return {
         "cpu": cpu,
+        "flags": flags,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": version("torch"),

@@ -76,6 +76,25 @@ def results() -> str:
             else:
                 out.append(f"| {r['name']} | {r['rows_per_second']:.0f} | {r['accuracy']:.4f} | {r['size_mb']:.1f} MB |")
         out += ["", f"Command: `{qz['command']}`.", ""]
+    h = _load("serve_http")
+    if h:
+        machines.add((h["machine"]["cpu"], h["machine"]["cores"]))
+        sm = h["summary"]
+        out += [f"### HTTP serving, closed loop on loopback ({h['machine']['cpu']}, {h['machine']['cores']} cores, "
+                f"flags: {', '.join(h['machine'].get('flags', [])) or 'n/a'}; one run)", "",
+                f"`serve_cli serve` ({h['variant']}, dynamic batching) vs the naive server a user writes (FastAPI + transformers "
+                "`pipeline` per request, fp32), each request 1 or 32 AG News test texts, "
+                f"{h['duration_s']:g} s of load per row.", "",
+                "| server | texts/request | clients | requests | rows/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+        for r in h["rows"]:
+            out.append(f"| {r['server']} | {r['texts_per_request']} | {r['concurrency']} | {r['requests']} | "
+                       f"{r['rows_per_second']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+        out += ["", f"`serve_cli predict` on the same texts, in process: {sm['predict_rows_per_second']:.0f} rows/s. "
+                f"Single-text requests at 64 clients: {sm['ours_single_c64_vs_predict']:.2f}x of that, "
+                f"{sm['ours_vs_naive_single_c64']:.1f}x the naive server; p99 at 8 clients {sm['ours_p99_ms_single_c8']:.1f} ms. "
+                + (f"Labels equal to `serve_cli predict`'s under 64-client load: {100 * sm['int8_label_agreement_with_predict_c64']:.2f}%."
+                   if sm.get("int8_label_agreement_with_predict_c64") is not None else ""),
+                "Command: `python benchmarks/serve_http.py`.", ""]
     if not out:
         return "No measurements saved yet: run the scripts in `benchmarks/` (see benchmarks/README.md)."
     head = "Measured on " + "; ".join(f"{cpu}, {cores} cores" for cpu, cores in sorted(machines)) + ", by the scripts in `benchmarks/` (figures from `benchmarks/results/*.json`)."

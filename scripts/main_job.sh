@@ -21,7 +21,7 @@ else
   resume=()
   [ -d "$RUN/checkpoints" ] && ls "$RUN/checkpoints" | grep -q '^step_' && resume=(train.resume=latest)
   echo "== train: $RUN"
-  .venv/bin/accelerate launch --config_file configs/accelerate/cpu_1proc.yaml \
+  .venv/bin/accelerate launch --config_file configs/accelerate/cpu_1proc.yaml --num_cpu_threads_per_process "$(nproc)" \
     trainer/train.py --config configs/agnews_minilm.yaml "output.run_dir=$RUN" "${resume[@]}"
 fi
 

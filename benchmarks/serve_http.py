@@ -1,0 +1,199 @@
+"""HTTP serving under closed-loop load on loopback: `serve_cli serve` vs the naive server a user writes.
+
+    python benchmarks/serve_http.py [--run runs/agnews_minilm] [--duration 8] [--reps 1]
+
+Both servers run on 127.0.0.1 in their own processes, one at a time, on the AG News test texts:
+- ours: `serve_cli serve` on the export's default variant (dynamic batching, ONNX Runtime);
+- naive: FastAPI + transformers `pipeline("text-classification")` on the merged PyTorch model, fp32,
+  one pipeline call per request (what a user writes first).
+For each: concurrency 1, 8 and 64 closed-loop clients, requests of 1 text and of 32 texts; each run is
+bounded by --duration seconds of sending and --max-requests requests (in-flight requests are then
+awaited). Reports rows/s, p50/p99 latency, and the rows/s of `serve_cli predict` (in process) on the
+same texts; for ours, the share of single-text answers under concurrency 64 whose label equals
+`serve_cli predict`'s. The load generator shares the machine's cores with the server: the same for both.
+Saves benchmarks/results/serve_http.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, data_dir, machine, save, table
+
+NAIVE = '''
+import sys
+from fastapi import FastAPI
+from transformers import pipeline
+
+clf = pipeline("text-classification", model=sys.argv[1], tokenizer=sys.argv[1], device=-1, top_k=None)
+app = FastAPI()
+
+@app.post("/predict")
+def predict(req: dict):
+    inputs = req["inputs"]
+    out = clf(inputs if isinstance(inputs, list) else [inputs], truncation=True, max_length=128)
+    return out if isinstance(inputs, list) else out[0]
+
+@app.get("/health")
+def health():
+    return {"status": "ok"}
+
+if __name__ == "__main__":
+    import uvicorn
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], url: str) -> subprocess.Popen[bytes]:
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"error: server exited: {' '.join(cmd)}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                # one request so lazy initialisation is not measured
+                httpx.post(f"{url}/predict", json={"inputs": "warm up"}, timeout=60)
+                return proc
+        except Exception:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    sys.exit("error: server did not start")
+
+
+async def load(url: str, texts: list[str], concurrency: int, per_request: int, duration: float, max_requests: int, seed: int) -> dict[str, Any]:
+    import httpx
+
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    answers: list[tuple[list[str], Any]] = []
+    sent = 0
+    errors = 0
+    stop_at = time.perf_counter() + duration
+
+    async def client() -> None:
+        nonlocal sent, errors
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=1)) as c:
+            while time.perf_counter() < stop_at and sent < max_requests:
+                sent += 1
+                batch = [rng.choice(texts) for _ in range(per_request)]
+                t0 = time.perf_counter()
+                r = await c.post(f"{url}/predict", json={"inputs": batch[0] if per_request == 1 else batch})
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors += 1
+                else:
+                    answers.append((batch, r.json()))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {"requests": len(latencies), "errors": errors, "rows_per_second": len(latencies) * per_request / wall,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), "answers": answers}
+
+
+def top_label(answer: Any) -> str:
+    first = answer[0] if isinstance(answer, list) else answer
+    return first["label"]
+
+
+def predict_rows_per_second(onnx_dir: Path, texts: list[str]) -> tuple[float, dict[str, str]]:
+    """serve_cli predict's own batching, in process, on the same texts (median of 3)."""
+    from serve_cli.__main__ import DEFAULT_BATCH_SIZE, predict_in_order
+    from serve_cli.io import Row
+    from serve_cli.runtime import OnnxClassifier
+
+    clf = OnnxClassifier(onnx_dir)
+    rates, labels = [], {}
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = list(predict_in_order(clf, (Row(i, i, t) for i, t in enumerate(texts)), DEFAULT_BATCH_SIZE))
+        rates.append(len(texts) / (time.perf_counter() - t0))
+        labels = {item.text: clf.labels[int(p.argmax())] for item, p in out}  # type: ignore[union-attr]
+    return float(np.median(rates)), labels
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=Path, default=REPO / "runs" / "agnews_minilm")
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--max-requests", type=int, default=3000)
+    p.add_argument("--rows", type=int, default=2000, help="distinct test texts used")
+    args = p.parse_args()
+    onnx_dir, merged = args.run / "onnx", args.run / "merged"
+    texts = [json.loads(x)["text"] for x in (data_dir() / "test.jsonl").read_text().splitlines()][: args.rows]
+    predict_rate, predict_labels = predict_rows_per_second(onnx_dir, texts)
+    print(f"serve_cli predict (in process): {predict_rate:.0f} rows/s")
+
+    naive_script = Path(tempfile.mkdtemp()) / "naive_server.py"
+    naive_script.write_text(NAIVE)
+    servers = {
+        "ours": lambda port: [sys.executable, "-m", "serve_cli", "serve", "--model", str(onnx_dir), "--port", str(port), "--log-level", "warning"],
+        "naive": lambda port: [sys.executable, str(naive_script), str(merged), str(port)],
+    }
+    rows, result_rows = [], []
+    agreement = None
+    for name, cmd in servers.items():
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start(cmd(port), url)
+        try:
+            for per_request in (1, 32):
+                for concurrency in (1, 8, 64):
+                    r = asyncio.run(load(url, texts, concurrency, per_request, args.duration, args.max_requests, seed=concurrency))
+                    answers = r.pop("answers")
+                    if name == "ours" and per_request == 1 and concurrency == 64:
+                        agreement = float(np.mean([top_label(a) == predict_labels[b[0]] for b, a in answers]))
+                    result_rows.append({"server": name, "texts_per_request": per_request, "concurrency": concurrency, **r})
+                    rows.append([name, per_request, concurrency, r["requests"], r["errors"], f"{r['rows_per_second']:.0f}",
+                                 f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}"])
+                    print(rows[-1], flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    by = {(r["server"], r["texts_per_request"], r["concurrency"]): r for r in result_rows}
+    ours64, naive64 = by[("ours", 1, 64)], by[("naive", 1, 64)]
+    summary = {
+        "predict_rows_per_second": predict_rate,
+        "ours_single_c64_vs_predict": ours64["rows_per_second"] / predict_rate,
+        "ours_vs_naive_single_c64": ours64["rows_per_second"] / naive64["rows_per_second"],
+        "ours_p99_ms_single_c8": by[("ours", 1, 8)]["p99_ms"],
+        "int8_label_agreement_with_predict_c64": agreement,
+    }
+    print(table(["server", "texts/request", "concurrency", "requests", "errors", "rows/s", "p50 ms", "p99 ms"], rows))
+    print(json.dumps(summary, indent=2))
+    variant = json.loads((onnx_dir / "export_report.json").read_text())["default_variant"]
+    save("serve_http", {"machine": machine(), "variant": variant, "duration_s": args.duration, "rows": result_rows, "summary": summary})
+
+
+if __name__ == "__main__":
+    main()
