@@ -14,6 +14,8 @@ INT8_FILE = "model_quantized.onnx"
 REPORT = "export_report.json"
 META = "loraship.json"
 MERGE_STAMP = "loraship_merge.json"
+VALIDATION_FILE = "validation.jsonl"  # the trainer's validation split, in the run dir: what the export chooses on
+CALIBRATION_FILE = "calibration.jsonl"  # training texts for int8 calibration and sensitivity, in the run dir
 
 
 class ExportError(RuntimeError):

@@ -1,9 +1,11 @@
-"""Which variant is the default: int8 only if it keeps accuracy.
+"""Which variant is the default: int8 only if it keeps accuracy, decided on validation rows, never on test.
 
-With an eval file: accuracy of the merged model, ONNX fp32 and ONNX int8 on it, int8 default if it loses at
-most --max-int8-drop points. Without one: int8 must agree with fp32 on the parity texts (argmax agreement
->= --min-int8-agreement and max abs logit difference <= --max-int8-logit-diff). Predictions go through
-serve_cli's own batching: dynamic int8 picks activation scales per batch, so this is what users reproduce.
+With the run's validation split (RUN/validation.jsonl, or --validation-file): the int8 search (see
+int8_search.py), or for one given method its validation accuracy against fp32. Without validation rows
+(an adapter alone): int8 must agree with fp32 on the parity texts (argmax agreement >= --min-int8-agreement
+and max abs logit difference <= --max-int8-logit-diff). --eval-file (the test split) is measured and
+reported, never used to choose. Predictions go through serve_cli's own batching: dynamic int8 picks
+activation scales per batch, so this is what users reproduce.
 """
 
 from __future__ import annotations
@@ -61,22 +63,36 @@ def onnx_logits(onnx_dir: Path, variant: str, texts: list[str], threads: int) ->
     return out
 
 
-def eval_gate(onnx_dir: Path, eval_data: tuple[list[str], np.ndarray], merged: Any, tokenizer: Any, meta: dict[str, Any], args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    texts, y = eval_data
-    n = len(meta["labels"])
-    gate: dict[str, Any] = {"by": "eval-file accuracy", "file": args.eval_file.name, "rows": len(y)}
-    pred = np.concatenate([torch_logits(merged, tokenizer, texts[i : i + 64], meta["max_length"], 64).argmax(-1) for i in range(0, len(texts), 64)])
-    gate["merged"] = accuracy_f1(y, pred, n)
+def measure_file(onnx_dir: Path, data: tuple[list[str], np.ndarray], name: str, n_labels: int, threads: int,
+                 merged: Any = None, tokenizer: Any = None, max_length: int = 512) -> dict[str, Any]:
+    """Accuracy and weighted F1 of ONNX fp32 and int8 (and the merged PyTorch model if given) on a labeled
+    file, with serve_cli's batching. A report, never a choice: the default variant is chosen on validation."""
+    texts, y = data
+    out: dict[str, Any] = {"file": name, "rows": len(y)}
+    if merged is not None:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # length-sorted batches: little padding
+        pred = np.zeros(len(texts), dtype=np.int64)
+        for b in range(0, len(order), 64):
+            idx = order[b : b + 64]
+            pred[idx] = torch_logits(merged, tokenizer, [texts[i] for i in idx], max_length, 64).argmax(-1)
+        out["merged"] = accuracy_f1(y, pred, n_labels)
     for variant in ("fp32", "int8"):
-        gate[f"onnx_{variant}"] = accuracy_f1(y, onnx_predict(onnx_dir, variant, texts, args.threads), n)
-    drop = 100 * (gate["onnx_fp32"]["accuracy"] - gate["onnx_int8"]["accuracy"])
-    gate["int8_drop_points"] = drop
-    gate["max_int8_drop_points"] = args.max_int8_drop
-    if drop > args.max_int8_drop:
-        gate["verdict"] = f"int8 loses {drop:.2f} points > {args.max_int8_drop}: fp32 is the default"
-        return "fp32", gate
-    gate["verdict"] = f"int8 within {args.max_int8_drop} points ({drop:+.2f}): int8 is the default"
-    return "int8", gate
+        out[f"onnx_{variant}"] = accuracy_f1(y, onnx_predict(onnx_dir, variant, texts, threads), n_labels)
+    out["int8_drop_points"] = 100 * (out["onnx_fp32"]["accuracy"] - out["onnx_int8"]["accuracy"])
+    return out
+
+
+def validation_gate(onnx_dir: Path, data: tuple[list[str], np.ndarray], args: argparse.Namespace, method: str) -> tuple[str, dict[str, Any]]:
+    """One given int8 method (not the search): int8 is the default if it keeps validation accuracy."""
+    texts, y = data
+    fp32 = float((onnx_predict(onnx_dir, "fp32", texts, args.threads) == y).mean())
+    int8 = float((onnx_predict(onnx_dir, "int8", texts, args.threads) == y).mean())
+    drop = 100 * (fp32 - int8)
+    ok = drop <= args.max_int8_drop
+    gate = {"by": f"validation accuracy ({method})", "rows": len(y), "fp32_accuracy": fp32, "int8_accuracy": int8,
+            "int8_drop_points": drop, "max_int8_drop_points": args.max_int8_drop,
+            "verdict": f"int8 ({method}) loses {drop:+.2f} points on validation: " + ("int8 is the default" if ok else "fp32 is the default")}
+    return ("int8" if ok else "fp32"), gate
 
 
 def agreement_gate(onnx_dir: Path, texts: list[str], args: argparse.Namespace) -> tuple[str, dict[str, Any]]:

@@ -25,17 +25,20 @@ from typing import Any
 import numpy as np
 
 from export.common import (
+    CALIBRATION_FILE,
     INT8_FILE,
     MERGE_STAMP,
     META,
     REPORT,
+    VALIDATION_FILE,
     ExportError,
     cpu_flags,
     sha256,
     torch_logits,
     versions,
 )
-from export.gate import agreement_gate, eval_gate, load_eval_file
+from export.gate import agreement_gate, load_eval_file, measure_file, validation_gate
+from export.int8_search import search
 from export.merge import generated_texts, merge, read_adapter
 from export.quantize import QUANTIZATION_METHODS, auto_quantization, quantize
 from serve_cli.fsutil import OutputError, RunDirLock, atomic_dir, temp_dir_beside
@@ -50,17 +53,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--merged-dir", type=Path, help="merged model dir (default: RUN/merged; with --adapter: not kept)")
     p.add_argument("--output", type=Path, help="ONNX dir (default: RUN/onnx)")
     p.add_argument("--base-model", help="base model path or hub id, if not the one recorded with the adapter")
-    p.add_argument("--eval-file", type=Path, help="labeled JSONL/CSV: accuracy gate for merged, fp32 and int8")
+    p.add_argument("--eval-file", type=Path, help="labeled JSONL/CSV (e.g. the test split): accuracy of fp32 and int8 "
+                   "reported in export_report.json; never used to choose")
+    p.add_argument("--eval-merged", action="store_true", help="also measure the merged PyTorch model on --eval-file (slow)")
     p.add_argument("--text-field", help="text field of --eval-file (default: the training one)")
     p.add_argument("--label-field", help="label field of --eval-file (default: the training one)")
-    p.add_argument("--max-int8-drop", type=float, default=0.5, help="accuracy points int8 may lose and still be default")
+    p.add_argument("--validation-file", type=Path, help="labeled rows that choose the int8 method and the default variant "
+                   f"(default: RUN/{VALIDATION_FILE}, the trainer's validation split)")
+    p.add_argument("--calibration-file", type=Path, help=f"texts for int8 calibration and sensitivity (default: RUN/{CALIBRATION_FILE})")
+    p.add_argument("--max-int8-drop", type=float, default=0.3, help="validation accuracy points int8 may lose and still be default")
+    p.add_argument("--int8-keep", type=int, default=4, help="at most this many sensitive MatMuls kept in fp32 by the int8 search")
+    p.add_argument("--int8-try-all", action="store_true", help="measure every int8 candidate, not only up to the first that qualifies")
     p.add_argument("--min-int8-agreement", type=float, default=0.98,
                    help="without --eval-file: share of parity texts where int8 and fp32 must agree for int8 to be default")
     p.add_argument("--max-int8-logit-diff", type=float, default=1.0,
                    help="without --eval-file: largest int8 vs fp32 logit difference on the parity texts for int8 to be default")
     p.add_argument("--atol", type=float, default=1e-4, help="max abs logit difference allowed at each conversion")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (18: optimum's minimum for BERT)")
-    p.add_argument("--quantization", choices=QUANTIZATION_METHODS, default="auto", help="int8 method (auto: per CPU)")
+    p.add_argument("--quantization", choices=QUANTIZATION_METHODS, default="auto",
+                   help="int8 method (auto: the accuracy-aware search on validation rows; without them, per CPU)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads for validation (0 = all cores)")
     p.add_argument("--force", action="store_true", help="rebuild the merged and ONNX dirs (only ones loraship wrote)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
@@ -107,7 +118,8 @@ def validate_onnx(onnx_dir: Path, variant: str, merged: Any, tokenizer: Any, tex
     return {"cases": results, "max_abs_diff": max(r["max_abs_diff"] for r in results), "min_argmax_agree": min(r["argmax_agree"] for r in results)}
 
 
-def fingerprint(adapter_dir: Path, base_model: str, method: str, fields: tuple[str, str], args: argparse.Namespace) -> dict[str, Any]:
+def fingerprint(adapter_dir: Path, base_model: str, method: str, fields: tuple[str, str], selection: tuple[Path | None, Path | None],
+                args: argparse.Namespace) -> dict[str, Any]:
     """Everything that changes what the export writes: a rerun with any of it changed must rebuild."""
     meta = adapter_dir / META
     return {
@@ -121,6 +133,11 @@ def fingerprint(adapter_dir: Path, base_model: str, method: str, fields: tuple[s
         "eval_file": {"name": args.eval_file.name, "sha256": sha256(args.eval_file), "text_field": fields[0],
                       "label_field": fields[1]} if args.eval_file else None,
         "max_int8_drop": args.max_int8_drop,
+        "eval_merged": args.eval_merged,
+        "int8_keep": args.int8_keep,
+        "int8_try_all": args.int8_try_all,
+        "validation": sha256(selection[0]) if selection[0] else None,
+        "calibration": sha256(selection[1]) if selection[1] else None,
         "min_int8_agreement": args.min_int8_agreement,
         "max_int8_logit_diff": args.max_int8_logit_diff,
     }
@@ -169,9 +186,11 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
     start = time.perf_counter()
     meta = read_adapter(adapter_dir)
     base_model = args.base_model or meta["base_model"]
-    method = auto_quantization() if args.quantization == "auto" else args.quantization
+    selection = selection_files(args)
+    method = "search" if args.quantization == "auto" and selection[0] else (
+        auto_quantization() if args.quantization == "auto" else args.quantization)
     fields = (args.text_field or meta.get("text_field", "text"), args.label_field or meta.get("label_field", "label"))
-    fp = fingerprint(adapter_dir, base_model, method, fields, args)
+    fp = fingerprint(adapter_dir, base_model, method, fields, selection, args)
     if onnx_dir.exists() and not args.force:
         old = json.loads((onnx_dir / REPORT).read_text()) if (onnx_dir / REPORT).is_file() else {}
         if old.get("inputs") == fp:
@@ -191,14 +210,19 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
     merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     with atomic_dir(onnx_dir, args.force, "--force", "export.to_onnx ONNX dir", check_lock=not inside(onnx_dir, args.run)) as tmp:
-        onnx_phase(args, tmp, merged, tokenizer, texts, meta, method, report)
-        if eval_data is not None:
-            default_variant, gate = eval_gate(tmp, eval_data, merged, tokenizer, meta, args)
-        else:
-            default_variant, gate = agreement_gate(tmp, texts, args)
+        onnx_phase(args, tmp, merged, tokenizer, texts, meta, report)
+        default_variant, gate = int8_phase(args, tmp, merged, tokenizer, texts, meta, method, selection, report)
         report["gate"] = gate
         report["default_variant"] = default_variant
         print(f"default variant: {default_variant} ({gate['by']}): {gate['verdict']}")
+        if eval_data is not None:
+            t0 = time.perf_counter()
+            report["eval_file"] = measure_file(tmp, eval_data, args.eval_file.name, len(meta["labels"]), args.threads,
+                                               merged if args.eval_merged else None, tokenizer, meta["max_length"])
+            report["eval_file"]["seconds"] = time.perf_counter() - t0
+            ev = report["eval_file"]
+            print(f"{args.eval_file.name} ({ev['rows']} rows, reported, not used to choose): "
+                  + ", ".join(f"{k} acc {ev[k]['accuracy']:.4f}" for k in ("merged", "onnx_fp32", "onnx_int8") if k in ev))
         report["variants"] = {
             v: {"file": f, "bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)}
             for v, f in (("fp32", "model.onnx"), ("int8", INT8_FILE))
@@ -243,8 +267,8 @@ def merge_phase(args: argparse.Namespace, adapter_dir: Path, meta: dict[str, Any
     return result | {"seconds": time.perf_counter() - t0}
 
 
-def onnx_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any, texts: list[str], meta: dict[str, Any], method: str, report: dict[str, Any]) -> None:
-    """Export, prove fp32 parity, quantize, measure int8 against PyTorch: all inside the temp dir."""
+def onnx_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any, texts: list[str], meta: dict[str, Any], report: dict[str, Any]) -> None:
+    """Export and prove fp32 parity with PyTorch, inside the temp dir."""
     t0 = time.perf_counter()
     export_onnx(Path(merged.name_or_path), tmp, args.opset, args.trust_remote_code)
     report["export_seconds"] = time.perf_counter() - t0
@@ -256,15 +280,49 @@ def onnx_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any,
     if parity["max_abs_diff"] > args.atol or parity["min_argmax_agree"] < 1.0:
         raise ExportError(f"ONNX fp32 parity failed: max abs logit diff {parity['max_abs_diff']:.2e} > {args.atol:g} (cases: {parity['cases']})")
     print(f"onnx fp32: parity max abs diff {parity['max_abs_diff']:.2e} over {len(parity['cases'])} shapes")
+
+
+def selection_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """(validation rows, calibration texts): given, else the ones the trainer saved in the run dir."""
+    def pick(given: Path | None, name: str) -> Path | None:
+        if given is not None:
+            if not given.is_file():
+                raise ExportError(f"{given}: file not found")
+            return given
+        default = args.run / name if args.run is not None else None
+        return default if default is not None and default.is_file() else None
+
+    return pick(args.validation_file, VALIDATION_FILE), pick(args.calibration_file, CALIBRATION_FILE)
+
+
+def int8_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any, texts: list[str], meta: dict[str, Any], method: str,
+               selection: tuple[Path | None, Path | None], report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Build model_quantized.onnx and decide the default variant (on validation rows where there are some)."""
     t0 = time.perf_counter()
-    cfg = merged.config
-    quantize(tmp, method, cfg.model_type, getattr(cfg, "num_attention_heads", getattr(cfg, "n_heads", 0)),
-             getattr(cfg, "hidden_size", getattr(cfg, "dim", 0)))
-    report["quantization"] = {"method": method, "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "asimd"))),
-                              "seconds": time.perf_counter() - t0}
+    validation = load_eval_file(selection[0], "text", "label", meta["labels"]) if selection[0] else None
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "asimd")))
+    if method == "search":
+        assert validation is not None
+        calibration = [json.loads(x)["text"] for x in selection[1].read_text(encoding="utf-8").splitlines() if x.strip()] \
+            if selection[1] else validation[0][:256]
+        found = search(tmp, validation, calibration, args.max_int8_drop, args.threads, args.int8_keep, args.int8_try_all)
+        report["int8_search"] = found
+        report["quantization"] = {"method": found["chosen"] or "dynamic (not the default)", "cpu_flags": flags, "seconds": found["seconds"]}
+        for c in found["candidates"]:
+            print(f"int8 candidate {c['name']}: validation accuracy {c['accuracy']:.4f} ({c['drop_points']:+.2f} points), "
+                  f"{c['rows_per_second']:.0f} rows/s" + (" <- chosen" if c["chosen"] else ""))
+        gate = {"by": "validation accuracy (int8 search)", "rows": found["validation_rows"], "verdict": found["verdict"]}
+        default = "int8" if found["chosen"] else "fp32"
+    else:
+        cfg = merged.config
+        quantize(tmp, method, cfg.model_type, getattr(cfg, "num_attention_heads", getattr(cfg, "n_heads", 0)),
+                 getattr(cfg, "hidden_size", getattr(cfg, "dim", 0)))
+        report["quantization"] = {"method": method, "cpu_flags": flags, "seconds": time.perf_counter() - t0}
+        default, gate = validation_gate(tmp, validation, args, method) if validation else agreement_gate(tmp, texts, args)
     report["parity_int8"] = validate_onnx(tmp, "int8", merged, tokenizer, texts, meta["max_length"], args.threads)
-    print(f"onnx int8 ({method}): max abs diff {report['parity_int8']['max_abs_diff']:.3f}, "
+    print(f"onnx int8 ({report['quantization']['method']}): max abs diff {report['parity_int8']['max_abs_diff']:.3f}, "
           f"argmax agreement >= {report['parity_int8']['min_argmax_agree']:.2f}")
+    return default, gate
 
 
 if __name__ == "__main__":

@@ -402,7 +402,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["parity_fp32_max_abs_diff"] = report.get("parity_fp32", {}).get("max_abs_diff")
         info["merge_max_abs_diff"] = report.get("merge", {}).get("max_abs_diff")
         if "gate" in report:
-            info["gate"] = {k: report["gate"][k] for k in ("merged", "onnx_fp32", "onnx_int8", "verdict") if k in report["gate"]}
+            info["default_chosen_by"] = report["gate"].get("by")
+            info["verdict"] = report["gate"].get("verdict")
+        if "int8_search" in report:
+            s = report["int8_search"]
+            info["int8_search"] = {"selected_on": s["selected_on"], "chosen": s["chosen"], "candidates": [
+                {k: c[k] for k in ("name", "exclude", "accuracy", "drop_points", "rows_per_second", "chosen")} for c in s["candidates"]]}
+        if "eval_file" in report:
+            ev = report["eval_file"]
+            info["eval_file"] = {k: ev[k] for k in ("file", "rows", "merged", "onnx_fp32", "onnx_int8") if k in ev}
         info["versions"] = report.get("versions")
     print(json.dumps(info, indent=2))
     return 0

@@ -93,6 +93,10 @@ class OnnxClassifier:
         """Logits for one batch of encodings, padded to the batch's longest row."""
         if not encodings:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
+        return self.session.run(None, self.feed(encodings))[0]
+
+    def feed(self, encodings: list[Any]) -> dict[str, np.ndarray]:
+        """The model inputs for one batch, padded to its longest row (also used to calibrate int8)."""
         width = max(len(e.ids) for e in encodings)
         ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
@@ -103,7 +107,7 @@ class OnnxClassifier:
             mask[j, :n] = 1
             types[j, :n] = e.type_ids
         feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        return self.session.run(None, {k: v for k, v in feed.items() if k in self.input_names})[0]
+        return {k: v for k, v in feed.items() if k in self.input_names}
 
     def logits(self, texts: list[str]) -> np.ndarray:
         return self.run(self.encode(texts))

@@ -296,5 +296,5 @@ def test_export_gate_takes_integer_labels(trained_run: Path, toy_data: Path, tmp
     evalf = tmp_path / "int.jsonl"
     evalf.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": r["text"], "label": labels.index(r["label"])}) + "\n" for r in rows).encode())
     assert export_main(["--run", str(trained_run), "--output", str(tmp_path / "onnx"), "--eval-file", str(evalf)]) == 0
-    gate = json.loads((tmp_path / "onnx" / "export_report.json").read_text())["gate"]
-    assert gate["rows"] == 40
+    measured = json.loads((tmp_path / "onnx" / "export_report.json").read_text())["eval_file"]
+    assert measured["rows"] == 40

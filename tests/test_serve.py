@@ -244,8 +244,8 @@ def test_eval_report_matches_sklearn_and_compares_variants(exported: Path, toy_d
     report_md = (rep / "report.md").read_text()
     assert "| model | variant | accuracy" in report_md and report_md.count(str(exported)) >= 2
     export_report = json.loads((exported / "export_report.json").read_text())
-    assert m["compare"][1]["accuracy"] == pytest.approx(export_report["gate"]["onnx_fp32"]["accuracy"])
-    assert m["accuracy"] == pytest.approx(export_report["gate"]["onnx_int8"]["accuracy"])
+    assert m["compare"][1]["accuracy"] == pytest.approx(export_report["eval_file"]["onnx_fp32"]["accuracy"])
+    assert m["accuracy"] == pytest.approx(export_report["eval_file"]["onnx_int8"]["accuracy"])
 
 
 def test_eval_unknown_label_and_bad_metric(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

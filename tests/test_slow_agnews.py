@@ -40,4 +40,4 @@ def test_real_model_export_parity_and_serve(minilm_run: Path, tmp_path: Path) ->
     assert serve_main(["eval", "--model", str(minilm_run / "onnx"), "--input", str(sample), "--report-dir", str(tmp_path / "ev"),
                        "--variant", "fp32", "--quiet"]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert m["accuracy"] == pytest.approx(report["gate"]["onnx_fp32"]["accuracy"])
+    assert m["accuracy"] == pytest.approx(report["eval_file"]["onnx_fp32"]["accuracy"])

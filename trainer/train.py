@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from export.common import CALIBRATION_FILE, VALIDATION_FILE
 from serve_cli.fsutil import OWNER_MARKER, OutputError, RunDirLock, is_owned, mark_owned
 from trainer import checkpoints
 from trainer.config import (
@@ -341,6 +342,8 @@ def load_data(run: Run) -> dict[str, EncodedDataset]:
         run.splits, run.labels, sample_texts = load_splits(cfg.data, cfg.train.seed)
         encoded = {name: encode(run.tokenizer, texts, y, cfg.data.max_length) for name, (texts, y) in run.splits.items()}
     run.accelerator.print(f"labels: {run.labels}; rows: " + ", ".join(f"{k}={len(v)}" for k, v in encoded.items()))
+    if run.accelerator.is_main_process:
+        save_selection_data(run)
     run.meta = {
         "base_model": cfg.model.name_or_path,
         "labels": run.labels,
@@ -355,6 +358,18 @@ def load_data(run: Run) -> dict[str, EncodedDataset]:
         "config": shareable_config(cfg),
     }
     return encoded
+
+
+def save_selection_data(run: Run) -> None:
+    """The validation split and a sample of training texts, in the run dir (not in the adapter, which people
+    share): the export chooses its int8 method and default variant on these, never on the test split."""
+    texts, y = run.splits["validation"]
+    with (run.run_dir / VALIDATION_FILE).open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t, "label": run.labels[k]}, ensure_ascii=False) + "\n" for t, k in zip(texts, y, strict=True))
+    train_texts = run.splits["train"][0]
+    pick = np.random.default_rng(run.cfg.train.seed).permutation(len(train_texts))[:256]
+    with (run.run_dir / CALIBRATION_FILE).open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": train_texts[i]}, ensure_ascii=False) + "\n" for i in sorted(pick.tolist()))
 
 
 def build_training(run: Run, encoded: dict[str, EncodedDataset]) -> None:
