@@ -1,6 +1,14 @@
-"""Int8 choices for the export on this CPU: rows/s and accuracy of each dynamic-quantization method.
+"""Int8 choices for the export on this CPU: rows/s and accuracy of each quantization method.
 
     python benchmarks/quantization.py [--run runs/agnews_minilm] [--reps 3]
+    python benchmarks/quantization.py --tasks agnews=runs/agnews_minilm:agnews:label \
+        trec=runs/trec_coarse:trec:label trec_fine=runs/trec_fine:trec:fine_label
+
+Without --tasks: the dynamic methods of `--quantization` (below). With --tasks: the export's accuracy-aware
+int8 candidates (export/int8_search.py) on each task's run: validation accuracy (what chooses), test
+accuracy and rows/s of every candidate, and how much each depends on batching: the same test texts
+predicted in serve_cli's length-sorted batches and in random batches of 32, argmax flips per 10,000 rows.
+Saves benchmarks/results/int8_candidates.json.
 
 Quantizes RUN/onnx/model.onnx with every method `python -m export.to_onnx --quantization` offers
 (onnxruntime quantize_dynamic on the plain graph, the same after fusing attention/LayerNorm/GELU,
@@ -18,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, data_dir, machine, median, save, table
@@ -37,11 +47,66 @@ def throughput(onnx_dir: Path, variant: str, texts: list[str], truth: list[str])
     return len(texts) / seconds, sum(a == b for a, b in zip(pred, truth, strict=True)) / len(texts)
 
 
+def random_batches(clf: object, texts: list[str], seed: int = 0, batch: int = 32) -> np.ndarray:
+    """Argmax per text when each batch holds 32 random other texts (as a server mixing requests)."""
+    order = np.random.default_rng(seed).permutation(len(texts))
+    out = np.zeros(len(texts), dtype=np.int64)
+    for b in range(0, len(order), batch):
+        idx = order[b : b + batch]
+        out[idx] = clf.logits([texts[i] for i in idx]).argmax(-1)  # type: ignore[attr-defined]
+    return out
+
+
+def candidates_on_task(name: str, run: Path, data: Path, label_field: str) -> dict[str, object]:
+    from export.gate import load_eval_file, onnx_predict
+    from export.int8_search import search
+    from serve_cli.runtime import OnnxClassifier
+
+    labels = json.loads((run / "adapter" / "loraship.json").read_text())["labels"]
+    validation = load_eval_file(run / "validation.jsonl", "text", "label", labels)
+    test_texts, test_y = load_eval_file(data / "test.jsonl", "text", label_field, labels)
+    calibration = [json.loads(x)["text"] for x in (run / "calibration.jsonl").read_text().splitlines()]
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / "onnx"
+        shutil.copytree(run / "onnx", d)
+        saved = Path(tmp) / "candidates"
+        saved.mkdir()
+        found = search(d, validation, calibration, 0.3, 0, try_all=True, save_candidates=saved)
+        rows = []
+        for variant, path in [("fp32", None)] + [(c["name"], saved / f"{c['name']}.onnx") for c in found["candidates"]]:
+            if path is not None:
+                shutil.copy(path, d / "model_quantized.onnx")
+            v = "fp32" if path is None else "int8"
+            t0 = time.perf_counter()
+            pred = onnx_predict(d, v, test_texts, 0)
+            rate = len(test_texts) / (time.perf_counter() - t0)
+            flips = float((random_batches(OnnxClassifier(d, variant=v), test_texts) != pred).mean() * 10_000)
+            cand = next((c for c in found["candidates"] if c["name"] == variant), None)
+            rows.append({"name": variant, "validation_accuracy": cand["accuracy"] if cand else found["fp32"]["accuracy"],
+                         "test_accuracy": float((pred == test_y).mean()), "test_rows_per_second": rate,
+                         "flips_per_10k_rows": flips, "excluded": cand["exclude"] if cand else [], "chosen": bool(cand and cand["chosen"])})
+            print(f"{name} {variant}: val {rows[-1]['validation_accuracy']:.4f} test {rows[-1]['test_accuracy']:.4f} "
+                  f"{rate:.0f} rows/s, {flips:.1f} flips/10k", flush=True)
+    return {"task": name, "labels": len(labels), "validation_rows": len(validation[1]), "test_rows": len(test_y),
+            "chosen": found["chosen"], "search_seconds": found["seconds"], "rows": rows}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, default=REPO / "runs" / "agnews_minilm")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--tasks", nargs="+", metavar="NAME=RUN:DATA:LABEL_FIELD", help="int8 candidates per task (DATA: a dir in ../shared/data)")
     args = p.parse_args()
+    if args.tasks:
+        sys.path.insert(0, str(REPO))
+        out = []
+        for spec in args.tasks:
+            name, _, rest = spec.partition("=")
+            run, data, field = rest.split(":")
+            out.append(candidates_on_task(name, REPO / run, data_dir().parent / data, field))
+        save("int8_candidates", {"benchmark": "int8_candidates", "machine": machine(), "tasks": out,
+                                 "command": "python benchmarks/quantization.py --tasks " + " ".join(args.tasks)})
+        return 0
     sys.path.insert(0, str(REPO))
     from export.quantize import QUANTIZATION_METHODS, quantize
 

@@ -146,7 +146,7 @@ def candidates(scores: list[tuple[str, float]], keep: int) -> list[Candidate]:
 
 
 def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration: list[str], max_drop: float, threads: int,
-           keep: int = 4, try_all: bool = False) -> dict[str, Any]:
+           keep: int = 4, try_all: bool = False, save_candidates: Path | None = None) -> dict[str, Any]:
     """Write the chosen int8 model to onnx_dir/model_quantized.onnx (or none qualifies: no int8 file, fp32 stays).
 
     Returns the report: fp32's validation accuracy and speed, every candidate tried, the chosen one and why."""
@@ -176,6 +176,8 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
             cand.drop_points = 100 * (fp32_acc - cand.accuracy)
             cand.bytes = path.stat().st_size
             tried.append(cand)
+            if save_candidates is not None:  # benchmarks measure every candidate on other data too
+                shutil.copy(path, save_candidates / f"{cand.name}.onnx")
             ok = cand.drop_points <= max_drop
             cand.why = f"loses {cand.drop_points:+.2f} points on validation ({'within' if ok else 'over'} {max_drop})"
             if ok and (chosen is None or cand.rows_per_second > chosen.rows_per_second):
