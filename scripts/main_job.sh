@@ -26,7 +26,8 @@ else
 fi
 
 echo "== export: $RUN/merged, $RUN/onnx"
-.venv/bin/python -m export.to_onnx --run "$RUN" --eval-file "$DATA/test.jsonl"
+# int8 method and default variant chosen on the run's validation split; the test split is measured next.
+.venv/bin/python -m export.to_onnx --run "$RUN"
 
 echo "== evaluate: $RUN/eval/report.md"
 .venv/bin/serve_cli eval --model "$RUN/onnx" --input "$DATA/test.jsonl" --report-dir "$RUN/eval" \
