@@ -4,8 +4,9 @@ The criterion is measured on the run's validation rows (never on the test split)
 its accuracy is at most --max-int8-drop points (0.3) below ONNX fp32's, predicted with serve_cli's own
 batching. Candidates, in the order measured fastest on CPU (benchmarks/quantization.py):
 
-1. `dynamic`: onnxruntime dynamic int8, per-channel weights, every MatMul and Gemm and the embedding Gather
-   (activation scales per batch);
+1. `dynamic`: onnxruntime dynamic int8, per-channel weights, every linear layer with a weight (MatMul, Gemm)
+   and the embedding tables (activation scales per batch); attention's activation x activation products
+   stay fp32;
 2. `dynamic-keep-N`: the same with the N most sensitive of those layers kept in fp32;
 3. `static`: static QDQ int8, activation ranges calibrated (MinMax) on training texts, per-channel weights;
 4. `static-keep-N`: the same with the N most sensitive layers kept in fp32.
@@ -54,9 +55,25 @@ QUANTIZED_OPS = ["MatMul", "Gemm"]
 
 
 def matmul_nodes(model_path: Path) -> list[Any]:
+    """The linear layers with a weight: attention's activation x activation products (QK^T, softmax x V) are
+    never quantized (measured: they were the most sensitive layers on TREC, and carry few FLOPs)."""
     import onnx
 
-    return [n for n in onnx.load(str(model_path), load_external_data=False).graph.node if n.op_type in QUANTIZED_OPS]
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return [n for n in graph.node if n.op_type in QUANTIZED_OPS and n.input[1] in weights]
+
+
+def quantizable(model_path: Path, exclude: list[str]) -> list[str]:
+    """Node names to quantize: weight layers not excluded, and the embedding tables (Gather on a weight)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    layers = [n.name for n in matmul_nodes(model_path) if n.name not in exclude]
+    # The dynamic quantizer first rewrites a Gemm into "<name>_MatMul" + Add: name both.
+    names = [x for name in layers for x in (name, f"{name}_MatMul")]
+    return names + [n.name for n in graph.node if n.op_type == "Gather" and n.input[0] in weights]
 
 
 def _session_with_outputs(model_path: Path, names: list[str]) -> Any:
@@ -114,16 +131,15 @@ def build(src: Path, dst: Path, cand: Candidate, feeds: list[dict[str, np.ndarra
         quantize_static,
     )
 
-    # The dynamic quantizer first rewrites a Gemm into "<name>_MatMul" + Add: exclude both names.
-    exclude = [n for name in cand.exclude for n in (name, f"{name}_MatMul")] or None
+    nodes = quantizable(src, cand.exclude)
     if cand.method == "dynamic":
-        # + Gather: the int8 embedding table is a quarter of the file (AG News: 23 MB instead of 59 MB).
+        # The int8 embedding table (Gather) makes the file a quarter of fp32's (AG News: 23 MB instead of 59 MB).
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=[*QUANTIZED_OPS, "Gather"],
-                         nodes_to_exclude=exclude, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                         nodes_to_quantize=nodes, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         return
     quantize_static(str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax,
+                    nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
 
 
