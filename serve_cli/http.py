@@ -168,10 +168,16 @@ class Batcher:
         logits = np.zeros((len(texts), len(self.clf.labels)), dtype=np.float32)
         start = 0
         while start < len(order):
-            end = start + 1
-            # Rows are sorted by length, so the last row of a sub-batch sets its padded width.
-            while end < len(order) and end - start < self.limits.max_batch_size and \
-                    (end - start + 1) * len(encs[order[end]].ids) <= self.limits.max_batch_tokens:
+            end, real = start + 1, len(encs[order[start]].ids)
+            # Rows are sorted by length, so the last row of a sub-batch sets its padded width. A sub-batch ends
+            # at the token budget, or where padding would pass a quarter of its tokens: requests arrive in any
+            # length mix, and padded positions cost as much as real ones (attention: more).
+            while end < len(order) and end - start < self.limits.max_batch_size:
+                width = len(encs[order[end]].ids)
+                padded = (end - start + 1) * width
+                if padded > self.limits.max_batch_tokens or padded > 1.25 * (real + width) + 32:
+                    break
+                real += width
                 end += 1
             idx = order[start:end]
             logits[idx] = self.clf.run([encs[i] for i in idx])
@@ -360,7 +366,7 @@ def serve(model: str, variant: str | None, host: str, port: int, threads: int, l
             self._captured_signals.clear()
 
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    clf = OnnxClassifier(model, variant=variant, threads=threads or None)
+    clf = OnnxClassifier(model, variant=variant, threads=threads or None, spin=False)
     app = create_app(clf, limits, log_texts)
     config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level=log_level, timeout_graceful_shutdown=60)
     Server(config).run()

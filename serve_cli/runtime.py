@@ -50,6 +50,7 @@ class OnnxClassifier:
         variant: str | None = None,
         threads: int | None = None,
         max_length: int | None = None,
+        spin: bool = True,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -82,6 +83,9 @@ class OnnxClassifier:
         opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if not spin:
+            # Idle worker threads sleep instead of spinning: a server shares its cores with the event loop.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 
