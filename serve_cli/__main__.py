@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sv.add_argument("--max-batch-tokens", type=positive, default=16384, help="padded tokens in one model run")
     sv.add_argument("--max-batch-size", type=positive, default=64, help="rows merged into one batch")
     sv.add_argument("--max-wait-ms", type=float, default=2.0, help="how long an idle batcher waits for more requests")
+    sv.add_argument("--max-padding", type=float, default=0.25,
+                    help="a sub-batch ends where padding would pass this share of its tokens (1: never split for padding)")
     sv.add_argument("--max-queue", type=positive, default=2048, help="rows waiting before requests get 429")
     sv.add_argument("--max-client-batch-size", type=positive, default=256, help="inputs in one request (more: 413)")
     sv.add_argument("--payload-limit", type=positive, default=2_000_000, help="bytes in one request body (more: 413)")
@@ -422,7 +424,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise InputError(f"serve needs the server extra ({e.name} is missing): pip install 'loraship[serve]'") from e
     limits = Limits(max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                    max_queue=args.max_queue, max_client_batch_size=args.max_client_batch_size,
+                    max_padding=args.max_padding, max_queue=args.max_queue, max_client_batch_size=args.max_client_batch_size,
                     payload_limit=args.payload_limit, request_timeout_s=args.request_timeout)
     return serve(args.model, args.variant, args.host, args.port, args.threads, limits, args.log_texts, args.log_level)
 

@@ -44,6 +44,7 @@ class Limits:
     max_batch_tokens: int = 16384  # padded tokens in one ONNX run (rows x longest row)
     max_batch_size: int = 64  # rows merged into one batch
     max_wait_ms: float = 2.0  # how long the first request of an idle batcher waits for company
+    max_padding: float = 0.25  # a sub-batch ends where padding would pass this share of its tokens (1 = no limit)
     max_queue: int = 2048  # rows waiting before new requests get 429
     max_client_batch_size: int = 256  # inputs in one request
     payload_limit: int = 2_000_000  # bytes of one request body
@@ -170,12 +171,12 @@ class Batcher:
         while start < len(order):
             end, real = start + 1, len(encs[order[start]].ids)
             # Rows are sorted by length, so the last row of a sub-batch sets its padded width. A sub-batch ends
-            # at the token budget, or where padding would pass a quarter of its tokens: requests arrive in any
+            # at the token budget, or where padding would pass --max-padding of its tokens: requests arrive in any
             # length mix, and padded positions cost as much as real ones (attention: more).
             while end < len(order) and end - start < self.limits.max_batch_size:
                 width = len(encs[order[end]].ids)
                 padded = (end - start + 1) * width
-                if padded > self.limits.max_batch_tokens or padded > 1.25 * (real + width) + 32:
+                if padded > self.limits.max_batch_tokens or (1 - self.limits.max_padding) * padded > real + width + 32:
                     break
                 real += width
                 end += 1
