@@ -21,8 +21,15 @@ def test_end_to_end_writes_exactly_the_run_dir(trained_run: Path, toy_data: Path
     run = trained_run
     # merged/ and onnx/ appear once the export tests have used this shared run
     assert sorted(p.name for p in run.iterdir() if p.name not in ("merged", "onnx")) == [
-        ".loraship", "adapter", "checkpoints", "config.yaml", "metrics.jsonl", "summary.json", "test_metrics.json", "test_predictions.jsonl",
+        ".loraship", "adapter", "calibration.jsonl", "checkpoints", "config.yaml", "metrics.jsonl", "summary.json", "test_metrics.json",
+        "test_predictions.jsonl", "validation.jsonl",
     ]
+    # What the export chooses its int8 method on: the validation split and training texts, in the run dir only.
+    val = [json.loads(x) for x in (run / "validation.jsonl").read_text().splitlines()]
+    assert len(val) == 40 and {v["label"] for v in val} == set(LABELS)
+    calibration = (run / "calibration.jsonl").read_text().splitlines()
+    train_texts = {json.loads(x)["text"] for x in (toy_data / "train.jsonl").read_text().splitlines()}
+    assert len(calibration) == 120 and all(json.loads(x)["text"] in train_texts for x in calibration)
     assert sorted(p.name for p in (run / "adapter").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "loraship.json",
         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
