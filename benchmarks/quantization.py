@@ -57,7 +57,7 @@ def random_batches(clf: object, texts: list[str], seed: int = 0, batch: int = 32
     return out
 
 
-def candidates_on_task(name: str, run: Path, data: Path, label_field: str) -> dict[str, object]:
+def candidates_on_task(name: str, run: Path, data: Path, label_field: str, test_rows: int) -> dict[str, object]:
     from export.gate import load_eval_file, onnx_predict
     from export.int8_search import search
     from serve_cli.runtime import OnnxClassifier
@@ -65,6 +65,8 @@ def candidates_on_task(name: str, run: Path, data: Path, label_field: str) -> di
     labels = json.loads((run / "adapter" / "loraship.json").read_text())["labels"]
     validation = load_eval_file(run / "validation.jsonl", "text", "label", labels)
     test_texts, test_y = load_eval_file(data / "test.jsonl", "text", label_field, labels)
+    if test_rows:
+        test_texts, test_y = test_texts[:test_rows], test_y[:test_rows]
     calibration = [json.loads(x)["text"] for x in (run / "calibration.jsonl").read_text().splitlines()]
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "onnx"
@@ -96,6 +98,7 @@ def main() -> int:
     p.add_argument("--run", type=Path, default=REPO / "runs" / "agnews_minilm")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tasks", nargs="+", metavar="NAME=RUN:DATA:LABEL_FIELD", help="int8 candidates per task (DATA: a dir in ../shared/data)")
+    p.add_argument("--test-rows", type=int, default=0, help="with --tasks: only the first N test rows (0 = all)")
     args = p.parse_args()
     if args.tasks:
         sys.path.insert(0, str(REPO))
@@ -103,9 +106,10 @@ def main() -> int:
         for spec in args.tasks:
             name, _, rest = spec.partition("=")
             run, data, field = rest.split(":")
-            out.append(candidates_on_task(name, REPO / run, data_dir().parent / data, field))
+            out.append(candidates_on_task(name, REPO / run, data_dir().parent / data, field, args.test_rows))
         save("int8_candidates", {"benchmark": "int8_candidates", "machine": machine(), "tasks": out,
-                                 "command": "python benchmarks/quantization.py --tasks " + " ".join(args.tasks)})
+                                 "command": "python benchmarks/quantization.py --test-rows "
+                                 f"{args.test_rows} --tasks " + " ".join(args.tasks)})
         return 0
     sys.path.insert(0, str(REPO))
     from export.quantize import QUANTIZATION_METHODS, quantize
