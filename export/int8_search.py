@@ -152,18 +152,19 @@ def evaluate(model_dir: Path, variant: str, texts: list[str], y: np.ndarray, thr
     return float((pred == y).mean()), len(texts) / (time.perf_counter() - t0)
 
 
-def candidates(scores: list[tuple[str, float]], keep: int) -> list[Candidate]:
-    """The candidates after plain `dynamic`, fastest first."""
+def candidates(scores: list[tuple[str, float]], keep: int, methods: tuple[str, ...], done: str) -> list[Candidate]:
+    """The candidates after the first (`done`), fastest first, of the allowed methods."""
     top = [name for name, s in scores[:keep] if s > 0]
     out = [Candidate(f"dynamic-keep-{len(top)}", "dynamic", top)] if top else []
     out.append(Candidate("static", "static"))
     if top:
         out.append(Candidate(f"static-keep-{len(top)}", "static", top))
-    return out
+    return [c for c in out if c.method in methods and c.name != done]
 
 
 def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration: list[str], max_drop: float, threads: int,
-           keep: int = 4, try_all: bool = False, save_candidates: Path | None = None) -> dict[str, Any]:
+           keep: int = 4, try_all: bool = False, save_candidates: Path | None = None,
+           methods: tuple[str, ...] = ("dynamic", "static")) -> dict[str, Any]:
     """Write the chosen int8 model to onnx_dir/model_quantized.onnx (or none qualifies: no int8 file, fp32 stays).
 
     Returns the report: fp32's validation accuracy and speed, every candidate tried, the chosen one and why."""
@@ -180,7 +181,7 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
     scores: list[tuple[str, float]] = []
     sensitivity_seconds = 0.0
     try:
-        queue = [Candidate("dynamic", "dynamic")]
+        queue = [Candidate(methods[0], methods[0])]
         while queue:
             cand = queue.pop(0)
             path = work / f"{cand.name}.onnx"
@@ -198,18 +199,18 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
                 chosen = cand
             if chosen is not None and not try_all:
                 break  # candidates come fastest first: the first that qualifies is the one to keep
-            if cand.name == "dynamic":
+            if cand.name == methods[0]:
                 # Only now is the sensitivity needed (it costs two model runs over the calibration texts).
                 t0 = time.perf_counter()
                 scores = sensitivity(src, path, feeds)
                 sensitivity_seconds = time.perf_counter() - t0
-                queue = candidates(scores, keep)
+                queue = candidates(scores, keep, methods, cand.name)
         if chosen is not None:
             chosen.chosen = True
             chosen.why += "; fastest that qualifies" if try_all else "; first (fastest) that qualifies"
         # Without a qualifying candidate the plain dynamic model still ships as the int8 file (not the default):
         # users can measure it on their own data with `serve_cli eval --variant int8`.
-        shutil.copy(work / f"{chosen.name if chosen else 'dynamic'}.onnx", onnx_dir / INT8_FILE)
+        shutil.copy(work / f"{chosen.name if chosen else methods[0]}.onnx", onnx_dir / INT8_FILE)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {

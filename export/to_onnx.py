@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-int8-drop", type=float, default=0.3, help="validation accuracy points int8 may lose and still be default")
     p.add_argument("--int8-keep", type=int, default=4, help="at most this many sensitive MatMuls kept in fp32 by the int8 search")
     p.add_argument("--int8-try-all", action="store_true", help="measure every int8 candidate, not only up to the first that qualifies")
+    p.add_argument("--int8-static-only", action="store_true",
+                   help="only static int8 candidates: predictions that do not depend on batch mates (a server mixing users)")
     p.add_argument("--min-int8-agreement", type=float, default=0.98,
                    help="without --eval-file: share of parity texts where int8 and fp32 must agree for int8 to be default")
     p.add_argument("--max-int8-logit-diff", type=float, default=1.0,
@@ -136,6 +138,7 @@ def fingerprint(adapter_dir: Path, base_model: str, method: str, fields: tuple[s
         "eval_merged": args.eval_merged,
         "int8_keep": args.int8_keep,
         "int8_try_all": args.int8_try_all,
+        "int8_static_only": args.int8_static_only,
         "validation": sha256(selection[0]) if selection[0] else None,
         "calibration": sha256(selection[1]) if selection[1] else None,
         "min_int8_agreement": args.min_int8_agreement,
@@ -305,7 +308,8 @@ def int8_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any,
         assert validation is not None
         calibration = [json.loads(x)["text"] for x in selection[1].read_text(encoding="utf-8").splitlines() if x.strip()] \
             if selection[1] else validation[0][:256]
-        found = search(tmp, validation, calibration, args.max_int8_drop, args.threads, args.int8_keep, args.int8_try_all)
+        found = search(tmp, validation, calibration, args.max_int8_drop, args.threads, args.int8_keep, args.int8_try_all,
+                       methods=("static",) if args.int8_static_only else ("dynamic", "static"))
         report["int8_search"] = found
         report["quantization"] = {"method": found["chosen"] or "dynamic (not the default)", "cpu_flags": flags, "seconds": found["seconds"]}
         for c in found["candidates"]:

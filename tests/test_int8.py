@@ -65,3 +65,20 @@ def test_info_shows_the_chosen_method(outlier_run: Path, tmp_path: Path, capsys:
     report = json.loads((out / "export_report.json").read_text())
     assert info["quantization"] == report["int8_search"]["chosen"] and info["quantization"] != "dynamic"
     assert info["default_variant"] == "int8" and info["int8_search"]["selected_on"] == "validation"
+
+
+def test_static_only_search_gives_batch_independent_int8(outlier_run: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from serve_cli.runtime import OnnxClassifier
+
+    out = tmp_path / "onnx"
+    assert export_main(["--run", str(outlier_run), "--output", str(out), "--int8-static-only", "--max-int8-drop", "5"]) == 0
+    search = json.loads((out / "export_report.json").read_text())["int8_search"]
+    assert search["candidates"] and all(c["name"].startswith("static") for c in search["candidates"])
+    clf = OnnxClassifier(out, variant="int8")
+    texts = ["stock market profit", "game team win league season", "war", "software computer internet data research"]
+    alone = np.concatenate([clf.logits([t]) for t in texts])
+    together = clf.logits(texts)
+    # Static scales: a row's logits do not depend on its batch mates (padding is masked).
+    np.testing.assert_allclose(alone, together, atol=1e-4)
