@@ -222,6 +222,7 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
         "sensitivity_seconds": sensitivity_seconds,
         "candidates": [asdict(c) for c in tried],
         "chosen": chosen.name if chosen else None,
+        "shipped": chosen.name if chosen else methods[0],  # the int8 file: the chosen one, else the plain first candidate
         "verdict": (f"int8 = {chosen.name}: {chosen.why}, {chosen.rows_per_second / fp32_rate:.2f}x fp32's rows/s" if chosen
                     else f"no int8 candidate within {max_drop} points on validation: fp32 is the default"),
         "seconds": time.perf_counter() - t_start,

@@ -311,7 +311,7 @@ def int8_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any,
         found = search(tmp, validation, calibration, args.max_int8_drop, args.threads, args.int8_keep, args.int8_try_all,
                        methods=("static",) if args.int8_static_only else ("dynamic", "static"))
         report["int8_search"] = found
-        report["quantization"] = {"method": found["chosen"] or "dynamic (not the default)", "cpu_flags": flags, "seconds": found["seconds"]}
+        report["quantization"] = {"method": found["chosen"] or f"{found['shipped']} (not the default)", "cpu_flags": flags, "seconds": found["seconds"]}
         for c in found["candidates"]:
             print(f"int8 candidate {c['name']}: validation accuracy {c['accuracy']:.4f} ({c['drop_points']:+.2f} points), "
                   f"{c['rows_per_second']:.0f} rows/s" + (" <- chosen" if c["chosen"] else ""))

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from serve_cli.fsutil import atomic_dir  # noqa: E402
+
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 SHARED_TRAIN_ROWS = 20_392
 
@@ -39,9 +40,9 @@ def from_hub(hub: str, out: Path, full: bool, seed: int = 0) -> Path:
     ds = datasets.load_dataset(hub)
     feature = ds["train"].features.get("label")
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else LABELS
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".agnews-", dir=out.parent))
-    try:
+    # Written atomically with the project's helper: a cut download leaves nothing half-written, and only a
+    # directory this script wrote (marked) is ever replaced.
+    with atomic_dir(out, overwrite=True, flag="(a rerun)", what="AG News from the hub") as tmp:
         for split in ("train", "test"):
             rows = ds[split]
             keep = np.arange(len(rows))
@@ -54,12 +55,6 @@ def from_hub(hub: str, out: Path, full: bool, seed: int = 0) -> Path:
                 for row in rows.select(keep.tolist()):
                     f.write(json.dumps({"text": " ".join(row["text"].split()), "label": names[row["label"]]}) + "\n")
         (tmp / "source.json").write_text(json.dumps(stamp))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

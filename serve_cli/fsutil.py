@@ -172,7 +172,8 @@ class RunDirLock:
 
 def lock_holder(path: Path) -> str | None:
     """Who holds the run-dir lock of `path` or of any directory above it; None when nobody does."""
-    for d in [path, *path.resolve().parents] if path.exists() else list(path.resolve().parents):
+    here = path.resolve()
+    for d in (here, *here.parents):
         lock = d / LOCK_FILE
         if not lock.is_file():
             continue

@@ -417,9 +417,9 @@ def restore(run: Run, resume_from: Path | None) -> None:
                 shutil.copytree(resume_from / checkpoints.BEST_ADAPTER, run.run_dir / "adapter")
             # Lines a cut run wrote after its checkpoint are logged again by this run: drop them, no duplicates.
             if run.metrics_path.is_file():
-                kept = [x for x in run.metrics_path.read_text().splitlines()
-                        if x.strip() and json.loads(x).get("step", 0) <= run.state.global_step and json.loads(x).get("event") != "end"]
-                run.metrics_path.write_text("".join(x + "\n" for x in kept))
+                records = [json.loads(x) for x in run.metrics_path.read_text().splitlines() if x.strip()]
+                kept = [r for r in records if r.get("step", 0) <= run.state.global_step and r.get("event") != "end"]
+                run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         acc.wait_for_everyone()
         s = run.state
         acc.print(f"resumed from {resume_from} at step {s.global_step} (epoch {s.epoch}, batch {s.batches_in_epoch})")
