@@ -66,10 +66,21 @@ def uneven_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def two_proc_run(tiny_bert: Path, uneven_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("ddp") / "run"
-    res = launch("cpu_2proc.yaml", tiny_args(tiny_bert, uneven_data, run, *TWO_PROC))
+    cache = tmp_path_factory.mktemp("ddp-cache")
+    res = launch("cpu_2proc.yaml", tiny_args(tiny_bert, uneven_data, run, *TWO_PROC, f"data.cache_dir={cache}"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "processes: 2" in res.stdout
+    (run / "launch_stdout.txt").write_text(res.stdout)
     return run
+
+
+def test_two_processes_tokenize_once_and_agree_on_the_data(two_proc_run: Path) -> None:
+    lines = sorted(x for x in (two_proc_run / "launch_stdout.txt").read_text().splitlines() if x.startswith("process "))
+    assert len(lines) == 2, lines
+    # Rank 0 builds every split; rank 1 waits for it and loads the same files.
+    assert lines[0].startswith("process 0: data train=built validation=built test=built"), lines
+    assert lines[1].startswith("process 1: data train=hit validation=hit test=hit"), lines
+    assert lines[0].split("fingerprint=")[1] == lines[1].split("fingerprint=")[1]
 
 
 def test_two_processes_write_once_and_evaluate_every_row_once(two_proc_run: Path, uneven_data: Path) -> None:

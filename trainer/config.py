@@ -96,6 +96,14 @@ class DataConfig:
     max_length: int = field(default=128, metadata={"doc": "Truncate inputs to this many tokens."})
     validation_fraction: float = field(default=0.05, metadata={"doc": "Share of train carved out for validation when none is given."})
     max_train_samples: int = field(default=0, metadata={"doc": "Use only this many training rows (0 = all); for quick runs."})
+    cache: bool = field(
+        default=True,
+        metadata={
+            "doc": "Keep each split tokenized on disk (Arrow, memory-mapped) and reuse it in reruns, resumes and by "
+            "every process; false: tokenize into the run dir and delete it at the end."
+        },
+    )
+    cache_dir: str = field(default="", metadata={"doc": "Where the tokenized splits live; empty = $HF_DATASETS_CACHE/loraship."})
 
 
 @dataclass
@@ -345,6 +353,7 @@ def shareable_config(cfg: Config) -> dict[str, Any]:
     no data dir or run dir paths."""
     d = to_dict(cfg)
     d["data"]["data_dir"] = ""
+    d["data"]["cache_dir"] = ""
     for split in ("train", "validation", "test"):
         value = d["data"][split]
         if value and not value.startswith("hub:"):

@@ -11,35 +11,35 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
 
 class DataError(ValueError):
     """A problem in an input file, with the file and line (or row) that has it."""
 
 
-@dataclass
-class LabeledRows:
-    """Texts and raw labels of one split, with where each row came from for error messages."""
-
-    source: str
-    texts: list[str]
-    labels: list[Any]
-    lines: list[int]  # 1-based line (JSONL, CSV), row (Parquet, hub) or item (JSON array) of each row
-    unit: str = "line"
-
-    def where(self, i: int) -> str:
-        return f"{self.source}:{self.lines[i]}" if self.unit == "line" else f"{self.source} {self.unit} {self.lines[i]}"
-
-
+# A raw label as read: a string, or an integer (JSON number, Parquet int column, integer-looking CSV cell).
+Label = str | int
 BOM = "\ufeff"  # UTF-8 byte-order mark: Excel's CSV and some JSONL exports start with it
+BATCH_ROWS = 10_000  # rows per Arrow record batch and per tokenizer call
+
+
+@dataclass
+class Source:
+    """One data source: a display name and how rows are numbered in error messages."""
+
+    name: str
+    unit: str = "line"  # line (JSONL, CSV), row (Parquet, hub) or item (JSON array)
+
+    def where(self, n: int) -> str:
+        return f"{self.name}:{n}" if self.unit == "line" else f"{self.name} {self.unit} {n}"
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -63,7 +63,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _read_json_array(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """A .json file holding one array of objects; rows are numbered by item (1-based)."""
+    """A .json file holding one array of objects (read whole: arrays are small); rows numbered by item."""
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
@@ -84,160 +84,214 @@ def _starts_with_array(path: Path) -> bool:
     return head.startswith("[")
 
 
-def _class_label_names(ds: Any, label_field: str) -> list[str] | None:
-    """A hub or Parquet dataset whose label column is a `ClassLabel` carries the label names itself."""
+def _batch_records(batches: Iterator[Any], first: int, fields: tuple[str, str],
+                   names: list[str] | None, int_like_strings: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of Arrow record batches (CSV, Parquet, hub) as numbered dicts of the two fields we read.
+
+    `names`: a ClassLabel's names, which integer labels are mapped to. `int_like_strings`: CSV cells are
+    text, so a label cell holding a whole number counts as an integer label (it may index the label names)."""
+    n = first
+    for batch in batches:
+        cols = {f: batch.column(f).to_pylist() if f in batch.schema.names else None for f in fields}
+        available = ", ".join(batch.schema.names)
+        for i in range(batch.num_rows):
+            rec: dict[str, Any] = {f: col[i] for f, col in cols.items() if col is not None}
+            label = rec.get(fields[1])
+            if names is not None and isinstance(label, int) and 0 <= label < len(names):
+                rec[fields[1]] = names[label]
+            elif int_like_strings and isinstance(label, str) and label.strip().lstrip("-").isdigit():
+                rec[fields[1]] = int(label)
+            yield n, rec if len(rec) == 2 else {**rec, "__fields__": available}
+            n += 1
+
+
+def _parquet_class_names(path: Path, label_field: str) -> list[str] | None:
+    """ClassLabel names that `datasets` stores in a Parquet file's schema metadata."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).schema_arrow.metadata or {}
+    try:
+        feature = json.loads(meta[b"huggingface"])["info"]["features"][label_field]
+    except (KeyError, ValueError, TypeError):
+        return None
+    return list(feature["names"]) if feature.get("_type") == "ClassLabel" else None
+
+
+def _hub_records(spec: str, fields: tuple[str, str]) -> tuple[Iterator[tuple[int, dict[str, Any]]], str]:
     import datasets
 
-    feature = ds.features.get(label_field)
-    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    name, _, split = spec.partition(":")
+    ds = datasets.load_dataset(name, split=split or "train")
+    feature = ds.features.get(fields[1])
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    batches = (b for b in ds.with_format("arrow").iter(batch_size=BATCH_ROWS))
+    return _batch_records(batches, 1, fields, names, False), ds._fingerprint
 
 
-def _dataset_records(ds: Any, label_field: str, first: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    names = _class_label_names(ds, label_field)
-    # A BOM in a CSV header makes the first column '\ufefftext'.
-    renames = {c: c.removeprefix(BOM) for c in ds.column_names if c.startswith(BOM)}
-    if renames:
-        ds = ds.rename_columns(renames)
-    for i, rec in enumerate(ds):
-        if names is not None and isinstance(rec.get(label_field), int) and 0 <= rec[label_field] < len(names):
-            rec = {**rec, label_field: names[rec[label_field]]}
-        yield i + first, rec
+def open_records(source: str, text_field: str, label_field: str) -> tuple[Source, Iterator[tuple[int, dict[str, Any]]]]:
+    """The numbered records of one split, streamed (JSON arrays excepted), without checking them yet."""
+    fields = (text_field, label_field)
+    if source.startswith("hub:"):
+        records, _ = _hub_records(source.partition(":")[2], fields)
+        return Source(source, "row"), records
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: data file not found (set data.data_dir, the LORASHIP_DATA_DIR environment variable, "
+            "or the split's path in the config)"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".json" and _starts_with_array(path):
+        return Source(str(path), "item"), _read_json_array(path)
+    if suffix in (".jsonl", ".json"):
+        return Source(str(path)), _read_jsonl(path)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        cols = [f for f in fields if f in pf.schema_arrow.names]
+        batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=cols)
+        return Source(str(path), "row"), _batch_records(batches, 1, fields, _parquet_class_names(path, label_field), False)
+    if suffix in (".csv", ".tsv"):
+        import pyarrow as pa
+        import pyarrow.csv as pcsv
+
+        try:
+            reader = pcsv.open_csv(
+                path,
+                parse_options=pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
+                # Text and label stay text (a label column of digits must not become float on one block).
+                convert_options=pcsv.ConvertOptions(column_types={f: pa.string() for f in fields}),
+            )
+        except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read as {suffix[1:].upper()}: {e}") from e
+        # Line numbers assume one physical line per row after the header.
+        return Source(str(path)), _batch_records(_csv_batches(reader, path), 2, fields, None, True)
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .tsv or .parquet")
+
+
+def _csv_batches(reader: Any, path: Path) -> Iterator[Any]:
+    import pyarrow as pa
+
+    while True:
+        try:
+            yield reader.read_next_batch()
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as e:
+            raise DataError(f"{path}: malformed {path.suffix[1:].upper()}: {e}") from e
+
+
+def check_row(where: str, rec: dict[str, Any], text_field: str, label_field: str) -> tuple[str, Label]:
+    """The (text, label) of one record, or a DataError naming the row and the field."""
+    for fname in (text_field, label_field):
+        if fname not in rec or rec[fname] is None:
+            fields = rec.get("__fields__") or ", ".join(map(str, rec))
+            raise DataError(f"{where}: missing field {fname!r} (fields: {fields})")
+    text = rec[text_field]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise DataError(f"{where}: field {text_field!r} is empty")
+    label = rec[label_field]
+    if isinstance(label, str) and not label.strip():
+        raise DataError(f"{where}: field {label_field!r} is empty")
+    if not isinstance(label, (str, int)) or isinstance(label, bool):
+        raise DataError(f"{where}: field {label_field!r} must be a string or an integer, got {label!r}")
+    return text, label
+
+
+def iter_rows(source: str, text_field: str, label_field: str) -> tuple[Source, Iterator[tuple[int, str, Label]]]:
+    """Checked rows of one split, streamed: (line or row number, text, raw label)."""
+    src, records = open_records(source, text_field, label_field)
+
+    def rows() -> Iterator[tuple[int, str, Label]]:
+        count = 0
+        for n, rec in records:
+            text, label = check_row(src.where(n), rec, text_field, label_field)
+            count += 1
+            yield n, text, label
+        if not count:
+            raise DataError(f"{src.name}: no rows")
+
+    return src, rows()
+
+
+@dataclass
+class LabeledRows:
+    """A whole small split in memory (tests, the first-run helper); the trainer streams through data_cache."""
+
+    source: Source
+    texts: list[str]
+    labels: list[Label]
+    lines: list[int]
 
 
 def load_rows(source: str, text_field: str, label_field: str) -> LabeledRows:
-    """Read one split and check every row: field present, text non-empty, label present."""
-    if source.startswith("hub:"):
-        import datasets
-
-        _, _, spec = source.partition(":")
-        name, _, split = spec.partition(":")
-        ds = datasets.load_dataset(name, split=split or "train")
-        records: Iterator[tuple[int, dict[str, Any]]] = _dataset_records(ds, label_field, 1)
-        rows = LabeledRows(source, [], [], [], unit="row")
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise DataError(
-                f"{path}: data file not found (set data.data_dir, the LORASHIP_DATA_DIR environment variable, "
-                "or the split's path in the config)"
-            )
-        suffix = path.suffix.lower()
-        rows = LabeledRows(str(path), [], [], [])
-        if suffix == ".json" and _starts_with_array(path):
-            records = _read_json_array(path)
-            rows.unit = "item"
-        elif suffix in (".jsonl", ".json"):
-            records = _read_jsonl(path)
-        elif suffix in (".csv", ".tsv", ".parquet"):
-            import datasets
-
-            if suffix == ".parquet":
-                ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-                rows.unit = "row"
-                records = _dataset_records(ds, label_field, 1)
-            else:
-                ds = datasets.load_dataset(
-                    "csv", data_files=str(path), split="train", delimiter="\t" if suffix == ".tsv" else ","
-                )
-                # Line numbers assume one physical line per row after the header.
-                records = _dataset_records(ds, label_field, 2)
-        else:
-            raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .tsv or .parquet")
-    for lineno, rec in records:
-        where = f"{rows.source}:{lineno}" if rows.unit == "line" else f"{rows.source} {rows.unit} {lineno}"
-        for fname in (text_field, label_field):
-            if fname not in rec or rec[fname] is None:
-                raise DataError(f"{where}: missing field {fname!r} (fields: {', '.join(map(str, rec))})")
-        text = rec[text_field]
-        if not isinstance(text, str):
-            raise DataError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
-        if not text.strip():
-            raise DataError(f"{where}: field {text_field!r} is empty")
-        label = rec[label_field]
-        if isinstance(label, str) and not label.strip():
-            raise DataError(f"{where}: field {label_field!r} is empty")
-        if not isinstance(label, (str, int)) or isinstance(label, bool):
-            raise DataError(f"{where}: field {label_field!r} must be a string or an integer, got {label!r}")
-        rows.texts.append(text)
-        rows.labels.append(label)
-        rows.lines.append(lineno)
-    if not rows.texts:
-        raise DataError(f"{rows.source}: no rows")
-    return rows
+    src, rows = iter_rows(source, text_field, label_field)
+    out = LabeledRows(src, [], [], [])
+    for n, text, label in rows:
+        out.lines.append(n)
+        out.texts.append(text)
+        out.labels.append(label)
+    return out
 
 
-def label_names(train: LabeledRows, given: list[str]) -> list[str]:
-    """The label set: as given in config, else the distinct training labels sorted (stable across runs)."""
+def label_names(distinct: Iterable[Label], given: list[str]) -> list[str]:
+    """The label set: as given in config, else the distinct training labels sorted (stable across runs);
+    integer labels sort numerically."""
     if given:
         return list(given)
-    distinct = {str(x) for x in train.labels}
-    if all(isinstance(x, int) for x in train.labels):
-        return [str(x) for x in sorted({int(x) for x in train.labels})]
-    return sorted(distinct)
+    values = set(distinct)
+    if values and all(isinstance(x, int) for x in values):
+        return [str(x) for x in sorted(values)]  # type: ignore[type-var]
+    return sorted({str(x) for x in values})
+
+
+def label_id(label: Label, label2id: dict[str, int]) -> int | None:
+    """Names match first; an integer that is not a name indexes the label names (AG News on the hub
+    stores 0..3 for World, Sports, Business, Sci/Tech). None: not a label the model knows."""
+    key = str(label)
+    if key in label2id:
+        return label2id[key]
+    if isinstance(label, int) and 0 <= label < len(label2id):
+        return label
+    return None
+
+
+def unknown_label(where: str, label: Label, label2id: dict[str, int]) -> DataError:
+    return DataError(
+        f"{where}: label {str(label)!r} is not one the model knows ({', '.join(label2id)}); "
+        f"integer labels index these names (0..{len(label2id) - 1})"
+    )
 
 
 def encode_labels(rows: LabeledRows, label2id: dict[str, int]) -> list[int]:
-    """Map raw labels to ids; an unknown label is an error naming file, line and label.
-
-    Names match first; an integer that is not a name is an index into the label names (AG News on the hub
-    stores 0..3 for World, Sports, Business, Sci/Tech)."""
+    """Map raw labels to ids; an unknown label is an error naming file, line and label."""
     ids = []
-    for i, label in enumerate(rows.labels):
-        key = str(label)
-        if key in label2id:
-            ids.append(label2id[key])
-        elif isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(label2id):
-            ids.append(label)
-        else:
-            raise DataError(
-                f"{rows.where(i)}: label {key!r} is not one the model knows ({', '.join(label2id)}); "
-                f"integer labels index these names (0..{len(label2id) - 1})"
-            )
+    for n, label in zip(rows.lines, rows.labels, strict=True):
+        k = label_id(label, label2id)
+        if k is None:
+            raise unknown_label(rows.source.where(n), label, label2id)
+        ids.append(k)
     return ids
 
 
-def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices (train, validation): `fraction` of each class to validation, at least one row per class."""
+def stratified_split(labels: np.ndarray | Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation): `fraction` of each class to validation, at least one row per class.
+
+    numpy index arrays (no Python object per row); the shuffle is Python's seeded one, so the split is the
+    same as before the data moved to Arrow."""
     rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(y, []).append(i)
-    train_idx: list[int] = []
-    val_idx: list[int] = []
-    for y in sorted(by_class):
-        idx = by_class[y]
-        rng.shuffle(idx)
+    y = np.asarray(labels)
+    train_parts, val_parts = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)  # type: ignore[arg-type]
         n_val = max(1, round(len(idx) * fraction)) if len(idx) > 1 else 0
-        val_idx.extend(idx[:n_val])
-        train_idx.extend(idx[n_val:])
-    return sorted(train_idx), sorted(val_idx)
-
-
-class EncodedDataset(Dataset):
-    """Token ids per row (unpadded) and the label id; padding happens per batch in `collate`."""
-
-    def __init__(self, input_ids: list[list[int]], labels: list[int], extra: dict[str, list[list[int]]]) -> None:
-        self.input_ids = input_ids
-        self.labels = labels
-        self.extra = extra  # token_type_ids for BERT-like models
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item: dict[str, Any] = {"input_ids": self.input_ids[i], "labels": self.labels[i], "index": i}
-        for k, v in self.extra.items():
-            item[k] = v[i]
-        return item
-
-    def lengths(self) -> list[int]:
-        return [len(x) for x in self.input_ids]
-
-
-def encode(tokenizer: Any, texts: list[str], labels: list[int], max_length: int) -> EncodedDataset:
-    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=False)
-    extra = {"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}
-    return EncodedDataset(enc["input_ids"], labels, extra)
+        val_parts.append(idx[:n_val])
+        train_parts.append(idx[n_val:])
+    return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(val_parts))
 
 
 def make_collate(pad_token_id: int, token_type_ids: bool):
@@ -276,8 +330,8 @@ class LengthGroupedSampler(Sampler[int]):
     Deterministic given (seed, epoch) so a resumed run sees the same order.
     """
 
-    def __init__(self, lengths: list[int], group: int, seed: int, shuffle: bool = True) -> None:
-        self.lengths = lengths
+    def __init__(self, lengths: np.ndarray | Sequence[int], group: int, seed: int, shuffle: bool = True) -> None:
+        self.lengths = np.asarray(lengths)
         self.group = group
         self.seed = seed
         self.shuffle = shuffle
@@ -290,23 +344,25 @@ class LengthGroupedSampler(Sampler[int]):
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
+        # numpy throughout: no Python object per row (millions of rows), the same order as a stable sort.
         n = len(self.lengths)
         if not self.shuffle:
-            yield from sorted(range(n), key=lambda i: -self.lengths[i])
+            yield from np.argsort(-self.lengths, kind="stable").tolist()
             return
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(n)
         chunk = self.group * 50
-        groups: list[list[int]] = []
-        for start in range(0, n, chunk):
-            part = sorted(order[start : start + chunk].tolist(), key=lambda i: -self.lengths[i])
-            groups.extend(part[k : k + self.group] for k in range(0, len(part), self.group))
-        # The last group may be short; keep it last so every other batch is full.
-        last = groups.pop() if len(groups) > 1 and len(groups[-1]) < self.group else None
-        for gi in rng.permutation(len(groups)):
-            yield from groups[gi]
-        if last is not None:
-            yield from last
+        flat = np.concatenate([
+            part[np.argsort(-self.lengths[part], kind="stable")] for part in (order[s : s + chunk] for s in range(0, n, chunk))
+        ]) if n else order
+        # Chunks are whole groups, so the groups are consecutive slices of `flat`; only the last may be short.
+        starts = np.arange(0, n, self.group)
+        last = len(starts) > 1 and n - starts[-1] < self.group
+        body = starts[:-1] if last else starts
+        for gi in rng.permutation(len(body)):
+            yield from flat[body[gi] : body[gi] + self.group].tolist()
+        if last:
+            yield from flat[starts[-1] :].tolist()
 
 
 class ShuffleSampler(Sampler[int]):
@@ -324,7 +380,9 @@ class ShuffleSampler(Sampler[int]):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
-        yield from np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        for s in range(0, self.n, BATCH_ROWS):
+            yield from perm[s : s + BATCH_ROWS].tolist()
 
 
 def steps_per_epoch(n_rows: int, batch_size: int, num_processes: int, grad_accum: int) -> int:

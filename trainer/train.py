@@ -16,6 +16,7 @@ Read `main()` for the outline and `fit()` for the loop.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -38,7 +39,6 @@ from trainer import checkpoints
 from trainer.config import (
     Config,
     ConfigError,
-    DataConfig,
     TrainConfig,
     load_config,
     resolve_data_path,
@@ -46,18 +46,16 @@ from trainer.config import (
     shareable_config,
 )
 from trainer.data import (
+    BATCH_ROWS,
     DataError,
-    EncodedDataset,
     LengthGroupedSampler,
     ShuffleSampler,
-    encode,
-    encode_labels,
     label_names,
-    load_rows,
     make_collate,
     steps_per_epoch,
     stratified_split,
 )
+from trainer.data_cache import TokenizedSplit, default_cache_root, load_or_build
 from trainer.modeling import (
     build_model,
     classification_metrics,
@@ -107,7 +105,8 @@ class Run:
     eval_loaders: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
     labels: list[str] = field(default_factory=list)
-    splits: dict[str, Any] = field(default_factory=dict)
+    splits: dict[str, TokenizedSplit] = field(default_factory=dict)
+    data_report: dict[str, Any] = field(default_factory=dict)  # cache hit/built and setup seconds per split
     meta: dict[str, Any] = field(default_factory=dict)
     state: TrainState = field(default_factory=TrainState)
     total_steps: int = 0
@@ -155,35 +154,52 @@ def resolve_mixed_precision(requested: str) -> str:
     return choice
 
 
-def load_splits(data_cfg: DataConfig, seed: int) -> tuple[dict[str, Any], list[str], list[str]]:
-    """Read train/validation/test; returns label-encoded splits, label names and sample texts for the export."""
-    train = load_rows(resolve_data_path(data_cfg.train, data_cfg.data_dir), data_cfg.text_field, data_cfg.label_field)
-    labels = label_names(train, data_cfg.labels)
-    label2id = {name: i for i, name in enumerate(labels)}
-    if len(labels) < 2:
-        raise DataError(f"{train.source}: found a single label {labels}; a classifier needs at least two")
-    train_y = encode_labels(train, label2id)
-    splits: dict[str, tuple[list[str], list[int]]] = {}
+def data_cache_root(cfg: Config) -> Path:
+    if not cfg.data.cache:
+        return Path(cfg.output.run_dir) / ".data"  # this run's only; deleted when it ends
+    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_root()
+
+
+def load_splits(run: Run) -> dict[str, str]:
+    """Train/validation/test as memory-mapped tokenized splits with label ids; sets run.splits and run.labels.
+
+    Returns 'hit' or 'built' per file. The validation split, when not given, is a stratified seeded carve."""
+    cfg, data_cfg = run.cfg, run.cfg.data
+    root = data_cache_root(cfg)
+    progress = run.accelerator.is_local_main_process
+
+    def split(path: str) -> tuple[TokenizedSplit, str]:
+        source = resolve_data_path(path, data_cfg.data_dir)
+        return load_or_build(source, data_cfg.text_field, data_cfg.label_field, data_cfg.max_length, run.tokenizer, root, progress)
+
+    train, status = split(data_cfg.train)
+    report = {"train": status}
+    run.labels = label_names(train.info["labels"], data_cfg.labels)
+    if len(run.labels) < 2:
+        raise DataError(f"{train.source.name}: found a single label {run.labels}; a classifier needs at least two")
+    label2id = {name: i for i, name in enumerate(run.labels)}
+    train.assign_labels(label2id)
+    splits: dict[str, TokenizedSplit] = {}
     if data_cfg.validation:
-        val = load_rows(resolve_data_path(data_cfg.validation, data_cfg.data_dir), data_cfg.text_field, data_cfg.label_field)
-        splits["validation"] = (val.texts, encode_labels(val, label2id))
-        train_idx = list(range(len(train.texts)))
+        splits["validation"], report["validation"] = split(data_cfg.validation)
+        splits["validation"].assign_labels(label2id)
+        train_idx = np.arange(len(train))
     else:
-        train_idx, val_idx = stratified_split(train_y, data_cfg.validation_fraction, seed)
-        splits["validation"] = ([train.texts[i] for i in val_idx], [train_y[i] for i in val_idx])
+        train_idx, val_idx = stratified_split(train.labels(), data_cfg.validation_fraction, cfg.train.seed)
+        splits["validation"] = train.select(val_idx)
     if data_cfg.max_train_samples:
-        rng = np.random.default_rng(seed)
-        train_idx = sorted(rng.permutation(train_idx)[: data_cfg.max_train_samples].tolist())
-    splits["train"] = ([train.texts[i] for i in train_idx], [train_y[i] for i in train_idx])
+        rng = np.random.default_rng(cfg.train.seed)
+        train_idx = np.sort(rng.permutation(train_idx)[: data_cfg.max_train_samples])
+    splits["train"] = train.select(train_idx)
     if data_cfg.test:
-        test = load_rows(resolve_data_path(data_cfg.test, data_cfg.data_dir), data_cfg.text_field, data_cfg.label_field)
-        splits["test"] = (test.texts, encode_labels(test, label2id))
-    samples = splits["validation"][0][:32]
-    return splits, labels, samples
+        splits["test"], report["test"] = split(data_cfg.test)
+        splits["test"].assign_labels(label2id)
+    run.splits = splits
+    return report
 
 
 def make_loaders(
-    encoded: dict[str, EncodedDataset], train_cfg: TrainConfig, pad_id: int, token_type_ids: bool, num_processes: int
+    encoded: dict[str, TokenizedSplit], train_cfg: TrainConfig, pad_id: int, token_type_ids: bool, num_processes: int
 ) -> dict[str, DataLoader]:
     collate = make_collate(pad_id, token_type_ids)
     train = encoded["train"]
@@ -332,18 +348,29 @@ def claim_run_dir(cfg: Config, accelerator: Any) -> tuple[RunDirLock | None, Pat
     return lock, Path(outcome[1]) if outcome[1] else None
 
 
-def load_data(run: Run) -> dict[str, EncodedDataset]:
-    """Read and tokenize every split; the main process goes first so errors surface once."""
+def load_data(run: Run) -> None:
+    """Read, check and tokenize every split once (cached); the local main process goes first, so errors
+    surface once and the other processes load what it built."""
     from transformers import AutoTokenizer
 
     cfg = run.cfg
-    with run.accelerator.main_process_first():
+    t0 = time.perf_counter()
+    with run.accelerator.local_main_process_first():
         run.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code)
-        run.splits, run.labels, sample_texts = load_splits(cfg.data, cfg.train.seed)
-        encoded = {name: encode(run.tokenizer, texts, y, cfg.data.max_length) for name, (texts, y) in run.splits.items()}
-    run.accelerator.print(f"labels: {run.labels}; rows: " + ", ".join(f"{k}={len(v)}" for k, v in encoded.items()))
+        cache = load_splits(run)
+    run.data_report = {"cache": cache, "setup_seconds": round(time.perf_counter() - t0, 2)}
+    if run.accelerator.num_processes > 1:
+        # Each process says whether it built or loaded its data and what it holds: the processes must agree.
+        print(f"process {run.accelerator.process_index}: data " + " ".join(f"{k}={v}" for k, v in cache.items())
+              + f" fingerprint={data_fingerprint(run.splits)}", flush=True)
+    run.accelerator.print(
+        f"labels: {run.labels}; rows: " + ", ".join(f"{k}={len(v)}" for k, v in run.splits.items())
+        + f"; data ready in {run.data_report['setup_seconds']:.1f}s (" + ", ".join(f"{k}: {v}" for k, v in cache.items())
+        + (f", cache {data_cache_root(cfg)})" if cfg.data.cache else ")")
+    )
     if run.accelerator.is_main_process:
         save_selection_data(run)
+    sample_texts = run.splits["validation"].texts(0, 32)
     run.meta = {
         "base_model": cfg.model.name_or_path,
         "labels": run.labels,
@@ -357,22 +384,36 @@ def load_data(run: Run) -> dict[str, EncodedDataset]:
         "sample_texts": sample_texts if cfg.output.embed_sample_texts else [],
         "config": shareable_config(cfg),
     }
-    return encoded
+
+
+def data_fingerprint(splits: dict[str, TokenizedSplit]) -> str:
+    """A short hash of every split's rows, labels and lengths in order."""
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        h.update(name.encode())
+        for arr in (splits[name].rows, splits[name].labels(), splits[name].lengths()):
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:16]
 
 
 def save_selection_data(run: Run) -> None:
     """The validation split and a sample of training texts, in the run dir (not in the adapter, which people
     share): the export chooses its int8 method and default variant on these, never on the test split."""
-    texts, y = run.splits["validation"]
+    val = run.splits["validation"]
+    y = val.labels()
     with (run.run_dir / VALIDATION_FILE).open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": t, "label": run.labels[k]}, ensure_ascii=False) + "\n" for t, k in zip(texts, y, strict=True))
-    train_texts = run.splits["train"][0]
-    pick = np.random.default_rng(run.cfg.train.seed).permutation(len(train_texts))[:256]
+        for start in range(0, len(val), BATCH_ROWS):
+            texts = val.texts(start, start + BATCH_ROWS)
+            f.writelines(json.dumps({"text": t, "label": run.labels[k]}, ensure_ascii=False) + "\n"
+                         for t, k in zip(texts, y[start : start + BATCH_ROWS].tolist(), strict=True))
+    train = run.splits["train"]
+    pick = np.sort(np.random.default_rng(run.cfg.train.seed).permutation(len(train))[:256])
+    texts = train.select(pick).texts()
     with (run.run_dir / CALIBRATION_FILE).open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": train_texts[i]}, ensure_ascii=False) + "\n" for i in sorted(pick.tolist()))
+        f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
 
 
-def build_training(run: Run, encoded: dict[str, EncodedDataset]) -> None:
+def build_training(run: Run) -> None:
     """Model with LoRA, AdamW (no decay on biases/LayerNorm), warmup + decay schedule, prepared loaders."""
     from transformers import get_scheduler
 
@@ -381,14 +422,14 @@ def build_training(run: Run, encoded: dict[str, EncodedDataset]) -> None:
     accelerator.print(trainable_summary(model))
     # DistilBERT-like models take no token_type_ids even when the tokenizer makes them.
     takes_token_types = "token_type_ids" in inspect.signature(model.get_base_model().forward).parameters
-    loaders = make_loaders(encoded, cfg.train, run.tokenizer.pad_token_id, takes_token_types, accelerator.num_processes)
+    loaders = make_loaders(run.splits, cfg.train, run.tokenizer.pad_token_id, takes_token_types, accelerator.num_processes)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.train.lr,
     )
-    per_epoch = steps_per_epoch(len(encoded["train"]), cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum)
+    per_epoch = steps_per_epoch(len(run.splits["train"]), cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum)
     run.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
     # The prepared scheduler steps once per process for every optimizer step, hence the factor.
     scheduler = get_scheduler(
@@ -600,6 +641,7 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
         "tokens_per_second": (state.tokens - start_tokens) / train_seconds if train_seconds > 0 else None,
         "mixed_precision": run.mixed_precision,
         "num_processes": acc.num_processes,
+        "data": run.data_report,
         "labels": run.labels,
     }
     if "test" in run.eval_loaders:
@@ -620,21 +662,29 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
         log_line(run.metrics_path, {"event": "end", **summary})
     rate = summary["samples_per_second"]
     acc.print(f"done in {elapsed:.0f}s" + (f" ({rate:.1f} samples/s)" if rate else "") + f"; run dir: {run.run_dir}")
+    if not cfg.data.cache:
+        acc.wait_for_everyone()  # every process is done reading the mapped files
+        if acc.is_local_main_process:
+            shutil.rmtree(data_cache_root(cfg), ignore_errors=True)
     acc.end_training()
     return summary
 
 
-def write_predictions(path: Path, split: tuple[list[str], list[int]], labels: list[str], probs: np.ndarray, index: np.ndarray) -> None:
-    texts, y = split
+def write_predictions(path: Path, split: TokenizedSplit, labels: list[str], probs: np.ndarray, index: np.ndarray) -> None:
+    """One line per row in file order (evaluation ran in length order), texts read slice by slice."""
+    y = split.labels()
+    row_of = np.empty(len(index), dtype=np.int64)
+    row_of[index] = np.arange(len(index))
     with path.open("w", encoding="utf-8") as f:
-        for row in np.argsort(index):  # evaluation ran in length order; write in file order
-            i = int(index[row])
-            f.write(json.dumps({
-                "text": texts[i],
-                "label": labels[y[i]],
-                "pred": labels[int(probs[row].argmax())],
-                "probs": {name: round(float(p), 6) for name, p in zip(labels, probs[row], strict=True)},
-            }) + "\n")
+        for start in range(0, len(split), BATCH_ROWS):
+            for i, text in enumerate(split.texts(start, start + BATCH_ROWS), start=start):
+                p = probs[row_of[i]]
+                f.write(json.dumps({
+                    "text": text,
+                    "label": labels[y[i]],
+                    "pred": labels[int(p.argmax())],
+                    "probs": {name: round(float(v), 6) for name, v in zip(labels, p, strict=True)},
+                }) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -652,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = make_accelerator(cfg, mixed_precision)
         lock, resume_from = claim_run_dir(cfg, accelerator)
         run = Run(cfg, accelerator, Path(cfg.output.run_dir), mixed_precision)
-        build_training(run, load_data(run))
+        load_data(run)
+        build_training(run)
         restore(run, resume_from)
         # loop
         start_samples, start_tokens = run.state.samples, run.state.tokens
