@@ -9,6 +9,13 @@ median over runs, all on this machine in one invocation:
 - `serve_cli predict` with ONNX fp32 and with ONNX int8.
 Also: p50/p95 latency at batch 1 for the ONNX variants (in process, 300 texts), size on disk, accuracy,
 and the cold start of `serve_cli predict` on a 10-row file. Saves benchmarks/results/inference.json.
+
+    python benchmarks/inference.py --ray [--ray-rows 200000]
+
+The Ray engine instead (results/inference_ray.json): `serve_cli predict` (local, all cores) against
+`serve_cli predict --engine ray` on a local 2-CPU Ray cluster with 1 and 2 single-thread actors, on the
+7,600 test texts and on --ray-rows rows (the test texts repeated, as Parquet), default variant, whole
+process wall time (Ray: cluster start included, reported apart), median of --reps.
 """
 
 from __future__ import annotations
@@ -61,11 +68,62 @@ def latency(onnx_dir: Path, variant: str, texts: list[str]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95))}
 
 
+def ray_engine(args: argparse.Namespace, test_file: Path, onnx_dir: Path) -> int:
+    """Local vs Ray engine, same export and rows; results/inference_ray.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    serve = str(Path(sys.executable).with_name("serve_cli"))
+    texts = [json.loads(x)["text"] for x in test_file.read_text().splitlines()]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        for rows in (len(texts), args.ray_rows):
+            repeated = [texts[i % len(texts)] for i in range(rows)]
+            jsonl, parquet = tmp / f"in-{rows}.jsonl", tmp / f"in-{rows}"
+            jsonl.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(repeated)))
+            parquet.mkdir()
+            for k in range(4):  # 4 files, as a dataset usually comes
+                part = range(k * rows // 4, (k + 1) * rows // 4)
+                pq.write_table(pa.table({"id": list(part), "text": [repeated[i] for i in part]}), parquet / f"part-{k}.parquet")
+            setups = {
+                "local (serve_cli predict, 2 threads)": [serve, "predict", "--model", str(onnx_dir), "--input", str(jsonl),
+                                                         "--output", str(tmp / "out.jsonl"), "--overwrite", "--quiet"],
+            }
+            for actors in (1, 2):
+                setups[f"ray, {actors} actor{'s' if actors > 1 else ''} x 1 thread"] = [
+                    serve, "predict", "--engine", "ray", "--model", str(onnx_dir), "--input", str(parquet), "--output",
+                    str(tmp / "out"), "--overwrite", "--quiet", "--actors", str(actors), "--threads-per-actor", "1"]
+            walls: dict[str, list[float]] = {k: [] for k in setups}
+            job_seconds: dict[str, list[float]] = {k: [] for k in setups}
+            for rep in range(args.reps):
+                for name, cmd in setups.items():
+                    if rows > len(texts) and (rep > 0 or "1 actor" in name):
+                        continue  # the big input: one run each of local and 2 actors (actor scaling: on the small one)
+                    wall, _ = run(cmd, env={"RAY_USAGE_STATS_ENABLED": "0"})
+                    walls[name].append(wall)
+                    if "ray" in name:
+                        job_seconds[name].append(json.loads((tmp / "out" / "summary.json").read_text())["seconds"])
+                    print(f"{rows} rows, rep {rep + 1}, {name}: {rows / wall:.0f} rows/s", flush=True)
+            local = rows / median(walls["local (serve_cli predict, 2 threads)"])
+            for name in (k for k in setups if walls[k]):
+                rps = rows / median(walls[name])
+                results.append({"rows": rows, "name": name, "rows_per_second": rps, "ratio_vs_local": rps / local,
+                                "runs_seconds": walls[name], "ray_job_seconds": job_seconds[name] or None})
+    print(table(["rows", "setup", "rows/s", "x local"],
+                [[r["rows"], r["name"], f"{r['rows_per_second']:.0f}", f"{r['ratio_vs_local']:.2f}"] for r in results]))
+    save("inference_ray", {"benchmark": "inference_ray", "machine": machine(), "rows": results,
+                           "command": f"python benchmarks/inference.py --ray --ray-rows {args.ray_rows} --reps {args.reps}"})
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, default=REPO / "runs" / "agnews_minilm")
     p.add_argument("--reps", type=int, default=3, help="runs of each serve_cli variant")
     p.add_argument("--torch-reps", type=int, default=1, help="runs of each PyTorch variant (slow)")
+    p.add_argument("--ray", action="store_true", help="benchmark the Ray engine against the local one instead")
+    p.add_argument("--ray-rows", type=int, default=200_000, help="rows of the big Ray input (the test texts repeated)")
     p.add_argument("--worker", choices=["pipeline", "bf16"], help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -77,6 +135,8 @@ def main() -> int:
         return 0
     if not (onnx_dir / "export_report.json").is_file():
         sys.exit(f"error: {onnx_dir} missing; run scripts/main_job.sh (or train + python -m export.to_onnx) first")
+    if args.ray:
+        return ray_engine(args, test_file, onnx_dir)
     truth = [json.loads(x)["label"] for x in test_file.read_text().splitlines()]
     texts = [json.loads(x)["text"] for x in test_file.read_text().splitlines()]
     n = len(truth)

@@ -26,7 +26,13 @@ import numpy as np
 
 from serve_cli.fsutil import OutputError, atomic_dir, check_not_locked, check_replaceable
 from serve_cli.io import FORMATS, AtomicOutput, InputError, Row, RowError, read_rows
-from serve_cli.runtime import VARIANT_FILES, ModelDirError, OnnxClassifier, read_model_dir, softmax
+from serve_cli.runtime import (
+    VARIANT_FILES,
+    ModelDirError,
+    OnnxClassifier,
+    predict_proba_sorted,
+    read_model_dir,
+)
 
 DEFAULT_BATCH_SIZE = 32
 WINDOW_BATCHES = 32  # rows are length-sorted within windows of this many batches: bounded memory
@@ -56,8 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="rows per ONNX run (int8 results depend slightly on batching: activation scales are per batch)")
         sp.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores)")
         sp.add_argument("--max-length", type=int, default=0, help="truncate to N tokens (0 = the training max_length)")
-        sp.add_argument("--on-error", choices=("fail", "skip", "record"), default="fail",
-                        help="bad rows: stop (default), skip with a message, or record in an errors file")
+        sp.add_argument("--on-error", choices=("fail", "skip", "record"),
+                        help="bad rows: stop (default), skip with a message, or record in an errors file "
+                        "(--engine ray always records them in OUTPUT/errors/; fail then exits 1 when there are any)")
         sp.add_argument("--errors-file", help="with --on-error record: where bad rows go "
                         "(default: OUTPUT.errors.jsonl for predict, REPORT_DIR/errors.jsonl for eval)")
         sp.add_argument("--overwrite", action="store_true", help="replace an existing output (only one serve_cli wrote, for dirs)")
@@ -65,8 +72,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     pr = sub.add_parser("predict", help="predict labels for every row of a file")
     common(pr)
-    pr.add_argument("--output", default="-", help="output file (JSONL or CSV by extension), or - for stdout")
-    pr.add_argument("--output-format", choices=("auto", "jsonl", "csv", "tsv"), default="auto")
+    pr.add_argument("--output", default="-", help="output file (JSONL or CSV by extension), or - for stdout; "
+                    "with --engine ray an output directory")
+    pr.add_argument("--output-format", choices=("auto", "jsonl", "csv", "tsv", "parquet"), default="auto",
+                    help="auto: by the output's extension (ray: parquet)")
+    ray = pr.add_argument_group("Ray engine (pip install 'loraship[ray]')")
+    ray.add_argument("--engine", choices=("local", "ray"), default="local",
+                     help="local: this process, one file; ray: Ray Data actors over files, dirs or globs on any cluster")
+    ray.add_argument("--address", help="Ray cluster to join: auto (a `ray start` cluster on this machine) or "
+                     "ray://HOST:10001; default: start a local one")
+    ray.add_argument("--actors", type=int, default=0, help="model actors (0 = cluster CPUs / --threads-per-actor)")
+    ray.add_argument("--threads-per-actor", type=positive, default=1, help="onnxruntime threads (and CPUs) per actor")
     pr.add_argument("--id-field", help="field/column used as the row id (default: the line number)")
     pr.add_argument("--top-k", type=int, default=3, help="labels with probabilities per row")
 
@@ -102,6 +118,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sv.add_argument("--log-texts", action="store_true", help="log request texts (off: only method, path, status, rows, ms)")
     sv.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     args = p.parse_args(argv)
+    if getattr(args, "engine", "local") == "ray":
+        if args.output == "-" or args.errors_file or args.output_format in ("csv", "tsv") or args.format != "auto":
+            p.error("--engine ray writes an output directory (--output DIR) of parquet or jsonl parts with errors/ "
+                    "beside them; --errors-file, --format and csv/tsv output are for the local engine")
+        args.on_error = args.on_error or "record"
+        args.output_format = "parquet" if args.output_format == "auto" else args.output_format
+    elif args.command == "predict" and (args.output_format == "parquet" or args.address or args.actors):
+        p.error("--output-format parquet, --address and --actors need --engine ray")
+    if hasattr(args, "on_error") and args.on_error is None:
+        args.on_error = "fail"
     if getattr(args, "errors_file", None) and args.on_error != "record":
         p.error("--errors-file needs --on-error record (bad rows are only written to a file when recorded)")
     return args
@@ -129,20 +155,14 @@ class Progress:
 
 def predict_in_order(clf: OnnxClassifier, items: Iterable[Row | RowError], batch_size: int) -> Iterator[tuple[Row | RowError, np.ndarray | None]]:
     """(item, probabilities) in input order; inside each window rows are run in length order (less padding)."""
-    # A 1 MB line would cost seconds to tokenize only to be truncated: cap characters well above what
-    # max_length tokens can span.
-    char_cap = clf.max_length * 64
     buf: list[Row | RowError] = []
 
     def flush() -> Iterator[tuple[Row | RowError, np.ndarray | None]]:
         rows = [i for i, it in enumerate(buf) if isinstance(it, Row)]
-        encs = clf.encode([buf[i].text[:char_cap] for i in rows])  # type: ignore[union-attr]
-        order = sorted(range(len(rows)), key=lambda k: len(encs[k].ids))
+        found = predict_proba_sorted(clf, [buf[i].text for i in rows], batch_size)  # type: ignore[union-attr]
         probs: list[np.ndarray | None] = [None] * len(buf)
-        for b in range(0, len(order), batch_size):
-            ks = order[b : b + batch_size]
-            for k, p in zip(ks, softmax(clf.run([encs[k] for k in ks])), strict=True):
-                probs[rows[k]] = p
+        for i, p in zip(rows, found, strict=True):
+            probs[i] = p
         yield from zip(buf, probs, strict=True)
 
     for item in items:
@@ -166,7 +186,29 @@ def top_k(probs: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:
     return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in idx]
 
 
+def cmd_predict_ray(args: argparse.Namespace) -> int:
+    try:
+        from serve_cli.ray_batch import RayJobError, run_job
+    except ImportError as e:
+        raise ModelDirError(f"--engine ray needs Ray Data: pip install 'loraship[ray]' ({e})") from e
+    try:
+        s = run_job(args)
+    except RayJobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"rows: {s['rows_in']} in, {s['predicted']} predicted, {s['errors']} errors ({s['files']} files); "
+              f"{s['seconds']:.1f}s, {s['rows_in'] / max(s['seconds'], 1e-9):.0f} rows/s on {s['actors']} actors ({s['variant']}); "
+              f"output: {args.output}", file=sys.stderr)
+    if s["errors"] and args.on_error == "fail":
+        print(f"error: {s['errors']} rows could not be read; they are listed in {args.output}/errors/", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return cmd_predict_ray(args)
     start = time.perf_counter()
     clf = OnnxClassifier(args.model, variant=args.variant, threads=args.threads or None, max_length=args.max_length or None)
     k = max(1, min(args.top_k, len(clf.labels)))

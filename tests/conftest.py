@@ -31,9 +31,24 @@ CLASS_WORDS = {
 COMMON = ["the", "a", "on", "in", "said", "new", "after", "for", "with", "and", "today", "report"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches_session(tmp_path_factory: pytest.TempPathFactory):
+    # datasets, HF and the trainer's token cache write under ~/.cache by default; tests write only under
+    # tmp paths. Session scope: session fixtures (a trained run) are set up before any function fixture.
+    cache = tmp_path_factory.getbasetemp() / "hf_cache"
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_DATASETS_CACHE")}
+    os.environ["HF_HOME"] = str(cache)
+    os.environ["HF_DATASETS_CACHE"] = str(cache / "datasets")
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    # datasets and HF write caches under ~/.cache by default; tests write only under tmp paths.
     cache = tmp_path_factory.getbasetemp() / "hf_cache"
     monkeypatch.setenv("HF_HOME", str(cache))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))

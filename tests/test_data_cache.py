@@ -154,3 +154,20 @@ def test_lengths_column_drives_the_sampler(tmp_path: Path, tokenizer) -> None:
     assert isinstance(lengths, np.ndarray) and lengths.tolist() == [len(x) for x in split.table.column("input_ids").to_pylist()]
     order = list(LengthGroupedSampler(lengths, 8, seed=0))
     assert sorted(order) == list(range(300))
+
+
+def test_batches_are_fetched_across_record_batches(tmp_path: Path, tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows come from many Arrow record batches (chunks); a batch gathers them chunk by chunk, in order."""
+    monkeypatch.setattr(data_cache, "BATCH_ROWS", 7)
+    rows = make_texts(50, seed=11)
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    split, _ = build(f, tokenizer, tmp_path / "cache")
+    assert split.table.column("input_ids").num_chunks == 8
+    split.assign_labels({name: i for i, name in enumerate(["World", "Sports", "Business", "Sci/Tech"])})
+    part = split.select(np.array([49, 0, 13, 7, 6, 48, 21]))
+    items = part.__getitems__(list(range(7)))
+    want = tokenizer([rows[i][0] for i in (49, 0, 13, 7, 6, 48, 21)], truncation=True, max_length=32)["input_ids"]
+    assert [it["input_ids"] for it in items] == want
+    assert [it["index"] for it in items] == list(range(7))
+    assert part.texts() == [rows[i][0] for i in (49, 0, 13, 7, 6, 48, 21)]
+    assert part.labels().tolist() == [["World", "Sports", "Business", "Sci/Tech"].index(rows[i][1]) for i in (49, 0, 13, 7, 6, 48, 21)]

@@ -1,6 +1,6 @@
 """Tokenized splits on disk: each file is read, checked and tokenized once, then memory-mapped.
 
-A split becomes one Arrow file (text, raw label, line, token ids, length) in a directory named by a key
+A split becomes two Arrow files, tokens (token ids, length, raw label, line) and texts, in a directory named by a key
 over what decides its content: the file's bytes (sha256; a hub dataset's fingerprint), the text and label
 fields, max_length, the tokenizer (its serialized form) and this format's version. A rerun, a resume and
 every other process load it instead of tokenizing again: the local main process builds it first
@@ -17,6 +17,7 @@ Where: `data.cache_dir`, else $HF_DATASETS_CACHE/loraship (default ~/.cache/hugg
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -33,8 +34,13 @@ from torch.utils.data import Dataset
 
 from trainer.data import BATCH_ROWS, DataError, Label, Source, iter_rows, label_id, unknown_label
 
-CACHE_VERSION = 1
+CACHE_VERSION = 3
 TOKENS_FILE = "tokens.arrow"
+TEXTS_FILE = "texts.arrow"
+# Rows per Arrow record batch on disk: a training batch reads each of its rows' record batches with a plain
+# read (~250 KB here), not through the memory map, whose fault-around maps 64 KB around every touched row
+# and so grows the process's RSS with every random row read.
+FILE_BATCH_ROWS = 1000
 META_FILE = "meta.json"
 
 
@@ -45,26 +51,50 @@ def default_cache_root() -> Path:
 
 
 class TokenizedSplit(Dataset):
-    """A split backed by a memory-mapped Arrow table; `rows` selects (and orders) table rows.
+    """A split backed by Arrow files; `rows` selects (and orders) the file's rows.
 
-    Batches are fetched with one `take` per batch (`__getitems__`), not row by row."""
+    Whole fixed-width columns (lengths, labels, lines) are read through a memory map, shared by every
+    process. Rows (token ids for a batch, texts) are read record batch by record batch with plain reads,
+    transiently: RSS stays flat however many rows an epoch touches."""
 
-    def __init__(self, table: pa.Table, source: Source, info: dict[str, Any], rows: np.ndarray | None = None,
+    def __init__(self, directory: Path, source: Source, info: dict[str, Any], rows: np.ndarray | None = None,
                  label_ids: np.ndarray | None = None) -> None:
-        self.table = table
+        self.directory = directory
+        # Memory-mapped: pages come from the OS page cache, shared by every process that maps the file.
+        self.table = pa.ipc.open_file(pa.memory_map(str(directory / TOKENS_FILE))).read_all()
         self.source = source
         self.info = info
-        self.rows = np.arange(table.num_rows, dtype=np.int64) if rows is None else rows
+        self.rows = np.arange(self.table.num_rows, dtype=np.int64) if rows is None else rows
         self.label_ids = label_ids
+        self.starts = np.cumsum([0] + [len(c) for c in self.table.column("length").chunks])
+        self._readers: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_readers"] = {}  # open files stay in their process
+        return state
+
+    def _take(self, file: str, column: str, rows: np.ndarray) -> list[Any]:
+        """Values of `column` at `rows` (file row numbers), in that order, one record batch read per chunk."""
+        if file not in self._readers:
+            self._readers[file] = pa.ipc.open_file(pa.OSFile(str(self.directory / file)))
+        reader = self._readers[file]
+        chunk = np.searchsorted(self.starts, rows, side="right") - 1
+        out: list[Any] = [None] * len(rows)
+        for c in np.unique(chunk):
+            at = np.flatnonzero(chunk == c)
+            values = reader.get_batch(int(c)).column(column).take(pa.array(rows[at] - self.starts[c])).to_pylist()
+            for j, v in zip(at.tolist(), values, strict=True):
+                out[j] = v
+        return out
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitems__(self, idx: list[int]) -> list[dict[str, Any]]:
         rows = self.rows[np.asarray(idx, dtype=np.int64)]
-        part = self.table.take(pa.array(rows))
-        ids = part.column("input_ids").to_pylist()
-        types = part.column("token_type_ids").to_pylist() if "token_type_ids" in part.column_names else None
+        ids = self._take(TOKENS_FILE, "input_ids", rows)
+        types = self._take(TOKENS_FILE, "token_type_ids", rows) if "token_type_ids" in self.table.column_names else None
         assert self.label_ids is not None, "labels are mapped before batches are read"
         labels = self.label_ids[rows].tolist()
         items = [{"input_ids": ids[j], "labels": labels[j], "index": i} for j, i in enumerate(idx)]
@@ -85,10 +115,13 @@ class TokenizedSplit(Dataset):
 
     def texts(self, start: int = 0, stop: int | None = None) -> list[str]:
         """Texts of split positions [start, stop): callers read big splits in slices."""
-        return self.table.column("text").take(pa.array(self.rows[start:stop])).to_pylist()
+        return self._take(TEXTS_FILE, "text", self.rows[start:stop])
 
     def select(self, positions: np.ndarray) -> TokenizedSplit:
-        return TokenizedSplit(self.table, self.source, self.info, self.rows[positions], self.label_ids)
+        part = copy.copy(self)
+        part.rows = self.rows[positions]
+        part._readers = {}
+        return part
 
     def assign_labels(self, label2id: dict[str, int]) -> None:
         """Label ids for every row, mapped per distinct label; an unknown one names its first file:line."""
@@ -108,7 +141,7 @@ class TokenizedSplit(Dataset):
                 lut[k] = as_int
             else:
                 bad = np.flatnonzero(rows_k & ~is_int) if as_int is not None else np.flatnonzero(rows_k)
-                line = self.table.column("line")[int(bad[0])].as_py()
+                line = self._take(TOKENS_FILE, "line", bad[:1])[0]
                 raise unknown_label(self.source.where(line), value, label2id)
         self.label_ids = lut[index]
 
@@ -166,10 +199,10 @@ def make_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], tuple
     return slow
 
 
-def _record_batch(lines: list[int], texts: list[str], labels: list[Label], encoder: Callable[..., Any]) -> pa.RecordBatch:
+def _record_batches(lines: list[int], texts: list[str], labels: list[Label], encoder: Callable[..., Any]) -> tuple[pa.RecordBatch, pa.RecordBatch]:
+    """(tokens, texts) record batches of the same rows."""
     ids, types = encoder(texts)
     cols = {
-        "text": pa.array(texts, pa.string()),
         "label": pa.array([str(x) for x in labels], pa.string()),
         "label_int": pa.array([x if isinstance(x, int) else None for x in labels], pa.int64()),
         "line": pa.array(lines, pa.int64()),
@@ -178,7 +211,7 @@ def _record_batch(lines: list[int], texts: list[str], labels: list[Label], encod
     }
     if types is not None:
         cols["token_type_ids"] = pa.array(types, pa.list_(pa.int8()))
-    return pa.RecordBatch.from_pydict(cols)
+    return pa.RecordBatch.from_pydict(cols), pa.RecordBatch.from_pydict({"text": pa.array(texts, pa.string())})
 
 
 def build_split(source: str, text_field: str, label_field: str, encoder: Callable[..., Any], out: Path, progress: bool) -> dict[str, Any]:
@@ -190,25 +223,25 @@ def build_split(source: str, text_field: str, label_field: str, encoder: Callabl
     out.mkdir(parents=True)
     distinct: dict[Label, None] = {}
     n = 0
-    writer = None
+    writers: list[Any] = []
     buf: tuple[list[int], list[str], list[Label]] = ([], [], [])
     bar = tqdm(desc=f"tokenizing {Path(src.name).name}", unit=" rows", disable=not progress, mininterval=2.0)
-    with (out / TOKENS_FILE).open("wb") as sink:
+    with (out / TOKENS_FILE).open("wb") as tokens, (out / TEXTS_FILE).open("wb") as texts:
         for line, text, label in rows:
             buf[0].append(line)
             buf[1].append(text)
             buf[2].append(label)
             distinct.setdefault(label)
             if len(buf[0]) == BATCH_ROWS:
-                writer = _write(writer, sink, _record_batch(*buf, encoder))
+                writers = _write(writers, (tokens, texts), _record_batches(*buf, encoder))
                 n, buf = n + BATCH_ROWS, ([], [], [])
                 bar.update(BATCH_ROWS)
         if buf[0]:
-            writer = _write(writer, sink, _record_batch(*buf, encoder))
+            writers = _write(writers, (tokens, texts), _record_batches(*buf, encoder))
             n += len(buf[0])
             bar.update(len(buf[0]))
-        if writer is not None:
-            writer.close()
+        for w in writers:
+            w.close()
     bar.close()
     info = {
         "rows": n,
@@ -220,18 +253,17 @@ def build_split(source: str, text_field: str, label_field: str, encoder: Callabl
     return info
 
 
-def _write(writer: Any, sink: Any, batch: pa.RecordBatch) -> Any:
-    if writer is None:
-        writer = pa.ipc.new_file(sink, batch.schema)
-    writer.write_batch(batch)
-    return writer
+def _write(writers: list[Any], sinks: tuple[Any, Any], batches: tuple[pa.RecordBatch, pa.RecordBatch]) -> list[Any]:
+    if not writers:
+        writers = [pa.ipc.new_file(sink, b.schema) for sink, b in zip(sinks, batches, strict=True)]
+    for w, b in zip(writers, batches, strict=True):
+        w.write_table(pa.Table.from_batches([b]), max_chunksize=FILE_BATCH_ROWS)
+    return writers
 
 
 def load_split(directory: Path, source: str) -> TokenizedSplit:
     info = json.loads((directory / META_FILE).read_text())
-    # Memory-mapped: pages come from the OS page cache, shared by every process that maps the file.
-    table = pa.ipc.open_file(pa.memory_map(str(directory / TOKENS_FILE))).read_all()
-    return TokenizedSplit(table, Source(source, info["unit"]), info)
+    return TokenizedSplit(directory, Source(source, info["unit"]), info)
 
 
 def _remove_stale_partials(root: Path, key: str) -> None:

@@ -1,0 +1,352 @@
+"""`serve_cli predict --engine ray`: the same export over Ray Data, from a laptop to a cluster.
+
+    serve_cli predict --engine ray --model runs/agnews_minilm/onnx --input 'data/*.parquet' --output preds/
+    ray start --head; serve_cli predict --engine ray --address auto ...      # an existing cluster
+
+Plan: the driver lists the input files (a file, a directory or a glob, on any filesystem pyarrow reads) and
+cuts them into read units (a Parquet row group, a whole JSONL or CSV file); Ray tasks read the units into
+rows (file, row, id, text) or error rows (file, row, error); a fixed pool of actors (`--actors`), each holding
+one `OnnxClassifier`, predicts every batch in length order; the result is written to a temp dir beside
+--output and renamed: OUTPUT/predictions/ (parquet or jsonl parts), OUTPUT/errors/ (jsonl parts),
+OUTPUT/summary.json. Rows in = predicted + errors, checked before the rename.
+
+The model dir travels through the object store (one tar, checked by sha256 on every worker, and each ONNX
+file against the export report's hash), and serve_cli itself through the runtime env, so workers need no
+shared filesystem, only the same Python packages. A worker that dies is restarted and its batches retried
+(actor restarts, task retries): a batch's output only counts once its task has finished, so every row is
+written exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serve_cli.fsutil import atomic_dir
+from serve_cli.runtime import (
+    REPORT,
+    VARIANT_FILES,
+    ModelDirError,
+    OnnxClassifier,
+    predict_proba_sorted,
+    read_model_dir,
+)
+
+ROWS_SCHEMA = [("file", "string"), ("row", "int64"), ("id", "string"), ("text", "string"), ("error", "string")]
+OUT_SCHEMA = [("file", "string"), ("row", "int64"), ("id", "string"), ("label", "string"), ("score", "float64"),
+              ("top_k", "string"), ("error", "string")]
+SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+READ_ROWS = 4096  # rows per block coming out of a reader task
+# Fault drills (tests): seconds each actor sleeps per batch, so a test can kill one mid-job.
+DELAY_ENV = "LORASHIP_RAY_BATCH_DELAY_S"
+
+
+class RayJobError(RuntimeError):
+    """A problem with the job's inputs, outputs or cluster, said in one line."""
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+
+def _filesystem(spec: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    if "://" in spec:
+        return pafs.FileSystem.from_uri(spec)
+    return pafs.LocalFileSystem(), str(Path(spec).expanduser().resolve())
+
+
+def list_inputs(spec: str) -> list[tuple[str, str]]:
+    """(uri, kind) of every input file: `spec` is a file, a directory (searched recursively) or a glob."""
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(spec)
+    wild = next((i for i, part in enumerate(path.split("/")) if any(c in part for c in "*?[")), None)
+    if wild is None:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            candidates = [path]
+        elif info.type == pafs.FileType.Directory:
+            candidates = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
+        else:
+            raise RayJobError(f"{spec}: no such file or directory")
+    else:
+        base = "/".join(path.split("/")[:wild]) or "/"
+        found = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        candidates = [i.path for i in found if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+    prefix = spec.split("://")[0] + "://" if "://" in spec else ""
+    files = sorted((prefix + p if prefix else p, SUFFIXES[Path(p).suffix.lower()]) for p in candidates
+                   if Path(p).suffix.lower() in SUFFIXES and not Path(p).name.startswith((".", "_")))
+    if not files:
+        raise RayJobError(f"{spec}: no .parquet, .jsonl, .json, .csv or .tsv files found")
+    return files
+
+
+def read_units(files: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Work units: one per Parquet row group (big files spread over many readers), one per text file."""
+    import pyarrow.parquet as pq
+
+    units = []
+    for uri, kind in files:
+        if kind != "parquet":
+            units.append({"uri": uri, "kind": kind, "group": -1, "first": 0})
+            continue
+        fs, path = _filesystem(uri)
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        first = 0
+        for g in range(meta.num_row_groups):
+            units.append({"uri": uri, "kind": kind, "group": g, "first": first})
+            first += meta.row_group(g).num_rows
+    return units
+
+
+def _check_text(value: Any, field: str) -> str | None:
+    """None when the value is a usable text, else the error message (the same words as the local path)."""
+    if value is None:
+        return f"missing field {field!r}"
+    if not isinstance(value, str):
+        return f"field {field!r} must be a string, got {type(value).__name__}"
+    if not value.strip():
+        return f"field {field!r} is empty"
+    return None
+
+
+def _records(unit: dict[str, Any], text_field: str, id_field: str | None) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(row number, record) or (row number, error message) for one unit: JSONL and CSV rows are numbered
+    by line, Parquet rows from 1 in the file."""
+    import pyarrow.parquet as pq
+
+    fs, path = _filesystem(unit["uri"])
+    if unit["kind"] == "parquet":
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in (text_field, id_field) if c and c in pf.schema_arrow.names]
+            table = pf.read_row_group(unit["group"], columns=cols)
+        values = {c: table.column(c).to_pylist() for c in cols}
+        for j in range(table.num_rows):
+            yield unit["first"] + j + 1, {c: v[j] for c, v in values.items()}
+        return
+    with fs.open_input_stream(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict", newline="")
+        if unit["kind"] == "jsonl":
+            for lineno, line in enumerate(text, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    yield lineno, f"malformed JSON: {e.msg} (column {e.colno})"
+                    continue
+                yield lineno, rec if isinstance(rec, dict) else f"expected a JSON object, got {type(rec).__name__}"
+        else:
+            reader = csv.DictReader(text, delimiter="\t" if unit["kind"] == "tsv" else ",")
+            for rec in reader:
+                yield reader.line_num, rec
+
+
+def _table(columns: dict[str, list[Any]], schema: list[tuple[str, str]]) -> Any:
+    """An Arrow table with fixed column types: a block of only good rows (all-null `error`) must not get
+    a `null` column type that another block contradicts."""
+    import pyarrow as pa
+
+    return pa.table({name: pa.array(columns[name], type=getattr(pa, t)()) for name, t in schema})
+
+
+def read_unit(batch: Any, text_field: str, id_field: str | None) -> Iterator[Any]:
+    """Ray Data UDF: the rows of each unit in `batch`, READ_ROWS at a time; a bad row becomes an error row."""
+    for unit in batch.to_pylist():
+        out: dict[str, list[Any]] = {"file": [], "row": [], "id": [], "text": [], "error": []}
+        try:
+            for n, rec in _records(unit, text_field, id_field):
+                error = rec if isinstance(rec, str) else _check_text(rec.get(text_field), text_field)
+                rid = rec.get(id_field) if id_field and isinstance(rec, dict) else None
+                if error is None and id_field and rid is None:
+                    error = f"missing field {id_field!r}"
+                out["file"].append(unit["uri"])
+                out["row"].append(n)
+                out["id"].append(str(rid) if rid is not None else f"{Path(unit['uri']).name}:{n}")
+                out["text"].append(None if error else rec[text_field])  # type: ignore[index]
+                out["error"].append(error)
+                if len(out["row"]) == READ_ROWS:
+                    yield _table(out, ROWS_SCHEMA)
+                    out = {key: [] for key in out}
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            # An unreadable file (or an undecodable line in it) is one error row naming the file.
+            out["file"].append(unit["uri"])
+            out["row"].append(0)
+            out["id"].append(f"{Path(unit['uri']).name}:0")
+            out["text"].append(None)
+            out["error"].append(f"cannot read the rest of the file: {e}")
+        if out["row"]:
+            yield _table(out, ROWS_SCHEMA)
+
+
+# --- the model, shipped through the object store -----------------------------------------------------
+
+
+def pack_model(model_dir: Path, variant: str) -> tuple[bytes, str]:
+    """The files a worker needs (one ONNX variant, tokenizer, config, report) as a tar, and its sha256."""
+    keep = {p for p in model_dir.iterdir() if p.is_file() and p.suffix != ".onnx" and not p.name.startswith(".")}
+    keep.add(model_dir / VARIANT_FILES[variant])
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for p in sorted(keep):
+            tar.add(p, arcname=p.name)
+    blob = buf.getvalue()
+    return blob, hashlib.sha256(blob).hexdigest()
+
+
+def unpack_model(blob: bytes, digest: str) -> Path:
+    """Check the tar's hash and each ONNX file against the report, then extract to a private temp dir."""
+    got = hashlib.sha256(blob).hexdigest()
+    if got != digest:
+        raise ModelDirError(f"model archive hash mismatch on this worker: {got} != {digest}")
+    out = Path(tempfile.mkdtemp(prefix=f"loraship-model-{digest[:12]}-"))
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(out, filter="data")
+    report = json.loads((out / REPORT).read_text()) if (out / REPORT).is_file() else {}
+    for name, v in (report.get("variants") or {}).items():
+        f = out / v.get("file", "")
+        if f.is_file() and v.get("sha256") and hashlib.sha256(f.read_bytes()).hexdigest() != v["sha256"]:
+            raise ModelDirError(f"{name} variant {f.name}: sha256 differs from the export report")
+    return out
+
+
+class Predictor:
+    """Ray Data actor: loads the export once, then labels every batch it is given, in length order."""
+
+    def __init__(self, model: list[Any], digest: str, variant: str, threads: int, max_length: int, top_k: int,
+                 batch_size: int, delay: float) -> None:
+        import ray
+
+        self.dir = unpack_model(ray.get(model[0]), digest)
+        self.clf = OnnxClassifier(self.dir, variant=variant, threads=threads or None, max_length=max_length or None)
+        self.k = max(1, min(top_k, len(self.clf.labels)))
+        self.batch_size = batch_size
+        self.delay = delay
+
+    def __call__(self, batch: Any) -> Any:
+        if self.delay:
+            time.sleep(self.delay)
+        cols = batch.to_pydict()
+        ok = [i for i, e in enumerate(cols["error"]) if e is None]
+        probs = predict_proba_sorted(self.clf, [cols["text"][i] for i in ok], self.batch_size)
+        n = batch.num_rows
+        cols.update({"label": [None] * n, "score": [None] * n, "top_k": [None] * n})
+        for i, p in zip(ok, probs, strict=True):
+            idx = np.argsort(-p)[: self.k]
+            cols["label"][i] = self.clf.labels[idx[0]]
+            cols["score"][i] = round(float(p[idx[0]]), 6)
+            # JSON text: the same top_k as `serve_cli predict`, and one type in every output format.
+            cols["top_k"][i] = json.dumps([{"label": self.clf.labels[j], "score": round(float(p[j]), 6)} for j in idx])
+        return _table(cols, OUT_SCHEMA)
+
+
+# --- the job -----------------------------------------------------------------------------------------
+
+
+def _init_ray(address: str | None) -> Any:
+    if not address:
+        # The job's own cluster serves only this machine: keep it on 127.0.0.1 (Ray otherwise binds its
+        # services to the network address, which sandboxes and firewalls may block). Ray's variable name.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    import serve_cli
+
+    runtime_env = {"py_modules": [str(Path(serve_cli.__file__).parent)]}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="WARNING")
+    else:
+        ray.init(runtime_env=runtime_env, log_to_driver=False, include_dashboard=False, logging_level="WARNING")
+    return ray
+
+
+def _split(table: Any, errors: bool) -> Any:
+    import pyarrow.compute as pc
+
+    mask = pc.is_valid(table["error"]) if errors else pc.is_null(table["error"])
+    part = table.filter(mask)
+    return part.select(["file", "row", "id", "error"]) if errors else part.drop_columns(["error"])
+
+
+def run_job(args: argparse.Namespace) -> dict[str, Any]:
+    """Read, predict and write; returns the counts. Raises RayJobError/ModelDirError for what the user can fix."""
+    start = time.perf_counter()
+    model_dir = Path(args.model)
+    _, report = read_model_dir(model_dir)
+    variant = args.variant or report.get("default_variant") or ("int8" if (model_dir / VARIANT_FILES["int8"]).is_file() else "fp32")
+    if not (model_dir / VARIANT_FILES[variant]).is_file():
+        raise ModelDirError(f"{model_dir / VARIANT_FILES[variant]}: variant {variant} not in this export")
+    units = read_units(list_inputs(args.input))
+    blob, digest = pack_model(model_dir, variant)
+    out = Path(args.output)
+    with atomic_dir(out, args.overwrite, "--overwrite", "prediction output") as tmp:
+        ray = _init_ray(args.address)
+        try:
+            import ray.data
+
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = not args.quiet and sys.stderr.isatty()
+            if not os.environ.get("LORASHIP_VERBOSE"):
+                # Ray Data logs every execution plan and progress line at INFO; we print one summary.
+                logging.getLogger("ray.data").setLevel(logging.WARNING)
+            actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, args.threads_per_actor))
+            model_ref = ray.put(blob)
+            predicted = (
+                ray.data.from_items(units, override_num_blocks=len(units))
+                .map_batches(read_unit, batch_size=1, batch_format="pyarrow", num_cpus=0, max_retries=3,
+                             fn_kwargs={"text_field": args.text_field, "id_field": args.id_field})
+                .map_batches(
+                    Predictor,
+                    batch_format="pyarrow",
+                    batch_size=args.batch_size * 8,  # a few length-sorted model batches per actor call
+                    compute=ray.data.ActorPoolStrategy(size=actors),
+                    num_cpus=args.threads_per_actor,
+                    fn_constructor_kwargs={
+                        "model": [model_ref], "digest": digest, "variant": variant, "threads": args.threads_per_actor,
+                        "max_length": args.max_length, "top_k": args.top_k, "batch_size": args.batch_size,
+                        "delay": float(os.environ.get(DELAY_ENV, "0") or 0),
+                    },
+                    # A dead actor is restarted and its unfinished batches are resubmitted.
+                    max_restarts=-1,
+                    max_task_retries=-1,
+                )
+                .materialize()  # computed once; the two writes below read the stored blocks
+            )
+            ok = predicted.map_batches(_split, fn_kwargs={"errors": False}, batch_format="pyarrow")
+            bad = predicted.map_batches(_split, fn_kwargs={"errors": True}, batch_format="pyarrow")
+            n_in, n_ok, n_err = predicted.count(), ok.count(), bad.count()
+            if n_in != n_ok + n_err:
+                raise RayJobError(f"row counts do not add up: {n_in} in, {n_ok} predicted, {n_err} errors")
+            if args.output_format == "jsonl":
+                ok.write_json(str(tmp / "predictions"))
+            else:
+                ok.write_parquet(str(tmp / "predictions"))
+            if n_err:
+                bad.write_json(str(tmp / "errors"))
+        finally:
+            ray.shutdown()
+        summary = {
+            "rows_in": n_in, "predicted": n_ok, "errors": n_err, "files": len({u["uri"] for u in units}),
+            "variant": variant, "model_sha256": digest, "actors": actors, "threads_per_actor": args.threads_per_actor,
+            "output_format": args.output_format, "seconds": round(time.perf_counter() - start, 2),
+        }
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
