@@ -76,6 +76,7 @@ def ray_engine(args: argparse.Namespace, test_file: Path, onnx_dir: Path) -> int
     serve = str(Path(sys.executable).with_name("serve_cli"))
     texts = [json.loads(x)["text"] for x in test_file.read_text().splitlines()]
     results = []
+    agreement: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         for rows in (len(texts), args.ray_rows):
@@ -88,12 +89,12 @@ def ray_engine(args: argparse.Namespace, test_file: Path, onnx_dir: Path) -> int
                 pq.write_table(pa.table({"id": list(part), "text": [repeated[i] for i in part]}), parquet / f"part-{k}.parquet")
             setups = {
                 "local (serve_cli predict, 2 threads)": [serve, "predict", "--model", str(onnx_dir), "--input", str(jsonl),
-                                                         "--output", str(tmp / "out.jsonl"), "--overwrite", "--quiet"],
+                                                         "--output", str(tmp / "out.jsonl"), "--overwrite", "--quiet", "--id-field", "id"],
             }
             for actors in (1, 2):
                 setups[f"ray, {actors} actor{'s' if actors > 1 else ''} x 1 thread"] = [
                     serve, "predict", "--engine", "ray", "--model", str(onnx_dir), "--input", str(parquet), "--output",
-                    str(tmp / "out"), "--overwrite", "--quiet", "--actors", str(actors), "--threads-per-actor", "1"]
+                    str(tmp / "out"), "--overwrite", "--quiet", "--actors", str(actors), "--threads-per-actor", "1", "--id-field", "id"]
             walls: dict[str, list[float]] = {k: [] for k in setups}
             job_seconds: dict[str, list[float]] = {k: [] for k in setups}
             for rep in range(args.reps):
@@ -104,6 +105,12 @@ def ray_engine(args: argparse.Namespace, test_file: Path, onnx_dir: Path) -> int
                     walls[name].append(wall)
                     if "ray" in name:
                         job_seconds[name].append(json.loads((tmp / "out" / "summary.json").read_text())["seconds"])
+                        if rep == 0 and "2 actors" in name:
+                            ray_labels = {r["id"]: r["label"] for f in sorted((tmp / "out" / "predictions").glob("*.parquet"))
+                                          for r in pq.read_table(f, columns=["id", "label"]).to_pylist()}
+                            local_labels = {str(r["id"]): r["label"] for r in map(json.loads, (tmp / "out.jsonl").read_text().splitlines())}
+                            agreement[rows] = sum(ray_labels[k] == v for k, v in local_labels.items()) / len(local_labels)
+                            print(f"{rows} rows: ray labels equal to local on {100 * agreement[rows]:.2f}% of rows", flush=True)
                     print(f"{rows} rows, rep {rep + 1}, {name}: {rows / wall:.0f} rows/s", flush=True)
             local = rows / median(walls["local (serve_cli predict, 2 threads)"])
             for name in (k for k in setups if walls[k]):
@@ -113,6 +120,7 @@ def ray_engine(args: argparse.Namespace, test_file: Path, onnx_dir: Path) -> int
     print(table(["rows", "setup", "rows/s", "x local"],
                 [[r["rows"], r["name"], f"{r['rows_per_second']:.0f}", f"{r['ratio_vs_local']:.2f}"] for r in results]))
     save("inference_ray", {"benchmark": "inference_ray", "machine": machine(), "rows": results,
+                           "label_agreement_ray_vs_local": {str(k): v for k, v in agreement.items()},
                            "command": f"python benchmarks/inference.py --ray --ray-rows {args.ray_rows} --reps {args.reps}"})
     return 0
 

@@ -125,6 +125,11 @@ def results() -> str:
                 "| rows | setup | rows/s | x local |", "|---|---|---|---|"]
         for row in r["rows"]:
             out.append(f"| {row['rows']:,} | {row['name']} | {row['rows_per_second']:.0f} | {row['ratio_vs_local']:.2f} |")
+        agree = r.get("label_agreement_ray_vs_local") or {}
+        if agree:
+            out += ["", "Labels equal between the engines (2 actors vs local, int8): " + ", ".join(
+                f"{100 * v:.2f}% of {int(k):,} rows" for k, v in agree.items()) + "; dynamic int8 picks activation scales per "
+                "batch and the engines form different batches (fp32, and int8 over the same batches, are tested equal)."]
         out += ["", f"Command: `{r['command']}`.", ""]
     if not out:
         return "No measurements saved yet: run the scripts in `benchmarks/` (see benchmarks/README.md)."

@@ -52,6 +52,7 @@ OUT_SCHEMA = [("file", "string"), ("row", "int64"), ("id", "string"), ("label", 
               ("top_k", "string"), ("error", "string")]
 SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 READ_ROWS = 4096  # rows per block coming out of a reader task
+WINDOW_BATCHES = 32  # model batches per actor call, sorted by length together (the local engine's window)
 # Fault drills (tests): seconds each actor sleeps per batch, so a test can kill one mid-job.
 DELAY_ENV = "LORASHIP_RAY_BATCH_DELAY_S"
 
@@ -236,7 +237,8 @@ class Predictor:
         import ray
 
         self.dir = unpack_model(ray.get(model[0]), digest)
-        self.clf = OnnxClassifier(self.dir, variant=variant, threads=threads or None, max_length=max_length or None)
+        # No spinning: an actor shares its cores with Ray's own processes and the readers.
+        self.clf = OnnxClassifier(self.dir, variant=variant, threads=threads or None, max_length=max_length or None, spin=False)
         self.k = max(1, min(top_k, len(self.clf.labels)))
         self.batch_size = batch_size
         self.delay = delay
@@ -270,7 +272,8 @@ def _init_ray(address: str | None) -> Any:
 
     import serve_cli
 
-    runtime_env = {"py_modules": [str(Path(serve_cli.__file__).parent)]}
+    # Each actor owns its cores: no tokenizer thread pool on top of onnxruntime's threads.
+    runtime_env = {"py_modules": [str(Path(serve_cli.__file__).parent)], "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="WARNING")
     else:
@@ -316,7 +319,7 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
                 .map_batches(
                     Predictor,
                     batch_format="pyarrow",
-                    batch_size=args.batch_size * 8,  # a few length-sorted model batches per actor call
+                    batch_size=args.batch_size * WINDOW_BATCHES,  # rows sorted by length together, as the local engine
                     compute=ray.data.ActorPoolStrategy(size=actors),
                     num_cpus=args.threads_per_actor,
                     fn_constructor_kwargs={
