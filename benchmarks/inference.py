@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, data_dir, machine, median, run, save, table
+from common import REPO, RESULTS, data_dir, machine, median, run, save, table
 
 
 def worker_torch(kind: str, merged: Path, test_file: Path, out: Path) -> None:
@@ -79,7 +79,7 @@ def ray_engine(args: argparse.Namespace, test_file: Path, onnx_dir: Path) -> int
     agreement: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        for rows in (len(texts), args.ray_rows):
+        for rows in ((args.ray_rows,) if args.ray_big_only else (len(texts), args.ray_rows)):
             repeated = [texts[i % len(texts)] for i in range(rows)]
             jsonl, parquet = tmp / f"in-{rows}.jsonl", tmp / f"in-{rows}"
             jsonl.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(repeated)))
@@ -117,11 +117,18 @@ def ray_engine(args: argparse.Namespace, test_file: Path, onnx_dir: Path) -> int
                 rps = rows / median(walls[name])
                 results.append({"rows": rows, "name": name, "rows_per_second": rps, "ratio_vs_local": rps / local,
                                 "runs_seconds": walls[name], "ray_job_seconds": job_seconds[name] or None})
+    command = f"python benchmarks/inference.py --ray --ray-rows {args.ray_rows} --reps {args.reps}"
+    saved = RESULTS / "inference_ray.json"
+    if args.ray_big_only and saved.is_file():
+        old = json.loads(saved.read_text())
+        results = [r for r in old["rows"] if r["rows"] != args.ray_rows] + results
+        agreement = {**{int(k): v for k, v in old.get("label_agreement_ray_vs_local", {}).items()}, **agreement}
+        command = f"{old['command']}; then {command} --ray-big-only"
     print(table(["rows", "setup", "rows/s", "x local"],
                 [[r["rows"], r["name"], f"{r['rows_per_second']:.0f}", f"{r['ratio_vs_local']:.2f}"] for r in results]))
     save("inference_ray", {"benchmark": "inference_ray", "machine": machine(), "rows": results,
                            "label_agreement_ray_vs_local": {str(k): v for k, v in agreement.items()},
-                           "command": f"python benchmarks/inference.py --ray --ray-rows {args.ray_rows} --reps {args.reps}"})
+                           "command": command})
     return 0
 
 
@@ -132,6 +139,8 @@ def main() -> int:
     p.add_argument("--torch-reps", type=int, default=1, help="runs of each PyTorch variant (slow)")
     p.add_argument("--ray", action="store_true", help="benchmark the Ray engine against the local one instead")
     p.add_argument("--ray-rows", type=int, default=200_000, help="rows of the big Ray input (the test texts repeated)")
+    p.add_argument("--ray-big-only", action="store_true",
+                   help="measure only --ray-rows (local and 2 actors, one run each) and keep the other sizes of the saved result")
     p.add_argument("--worker", choices=["pipeline", "bf16"], help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -76,7 +76,8 @@ class _Peekable:
         yield from self.f
 
 
-def _check_text(text: Any, field: str) -> str | None:
+def check_text(text: Any, field: str) -> str | None:
+    """None when `text` is a usable text, else the error message (both engines use these words)."""
     if text is None:
         return f"missing field {field!r}"
     if not isinstance(text, str):
@@ -140,7 +141,7 @@ def _jsonl(lines: Iterable[bytes], text_field: str, id_field: str | None, label_
         if not isinstance(obj, dict):
             yield RowError(lineno, f"expected a JSON object, got {type(obj).__name__}")
             continue
-        problem = _check_text(obj.get(text_field), text_field)
+        problem = check_text(obj.get(text_field), text_field)
         if problem is None and id_field and id_field not in obj:
             problem = f"missing field {id_field!r}"
         if problem is None and label_field and obj.get(label_field) is None:
@@ -197,7 +198,7 @@ def _csv(path: str, lines: Iterable[bytes], delimiter: str, text_field: str, id_
         if not record or all(not c.strip() for c in record):
             continue
         values = {name: record[i] if i < len(record) else None for name, i in columns.items()}
-        problem = _check_text(values[text_field], text_field)
+        problem = check_text(values[text_field], text_field)
         if problem is None and label_field and not (values[label_field] or "").strip():
             problem = f"missing field {label_field!r}"
         if problem:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from serve_cli.fsutil import atomic_dir
+from serve_cli.io import check_text
 from serve_cli.runtime import (
     REPORT,
     VARIANT_FILES,
@@ -117,17 +118,6 @@ def read_units(files: list[tuple[str, str]]) -> list[dict[str, Any]]:
     return units
 
 
-def _check_text(value: Any, field: str) -> str | None:
-    """None when the value is a usable text, else the error message (the same words as the local path)."""
-    if value is None:
-        return f"missing field {field!r}"
-    if not isinstance(value, str):
-        return f"field {field!r} must be a string, got {type(value).__name__}"
-    if not value.strip():
-        return f"field {field!r} is empty"
-    return None
-
-
 def _records(unit: dict[str, Any], text_field: str, id_field: str | None) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(row number, record) or (row number, error message) for one unit: JSONL and CSV rows are numbered
     by line, Parquet rows from 1 in the file."""
@@ -175,7 +165,7 @@ def read_unit(batch: Any, text_field: str, id_field: str | None) -> Iterator[Any
         out: dict[str, list[Any]] = {"file": [], "row": [], "id": [], "text": [], "error": []}
         try:
             for n, rec in _records(unit, text_field, id_field):
-                error = rec if isinstance(rec, str) else _check_text(rec.get(text_field), text_field)
+                error = rec if isinstance(rec, str) else check_text(rec.get(text_field), text_field)
                 rid = rec.get(id_field) if id_field and isinstance(rec, dict) else None
                 if error is None and id_field and rid is None:
                     error = f"missing field {id_field!r}"
