@@ -230,15 +230,23 @@ def test_overload_answers_200_or_429_and_health_stays_up(exported: Path) -> None
 
 def test_sigterm_answers_every_request_in_flight(exported: Path) -> None:
     # A long batching wait keeps requests in flight when SIGTERM arrives.
-    server = Server(exported, "--max-wait-ms", "400", "--max-batch-size", "1000")
+    server = Server(exported, "--max-wait-ms", "3000", "--max-batch-size", "1000")
 
     async def run() -> list[int]:
         async def one(c: httpx.AsyncClient) -> int:
             return (await c.post(f"{server.url}/predict", json={"inputs": ["game team"] * 3})).status_code
 
+        async def queued_rows(c: httpx.AsyncClient) -> float:
+            text = (await c.get(f"{server.url}/metrics")).text
+            return next(float(x.split()[1]) for x in text.splitlines() if x.startswith("loraship_queue_rows "))
+
         async with httpx.AsyncClient(timeout=30) as c:
             tasks = [asyncio.create_task(one(c)) for _ in range(20)]
-            await asyncio.sleep(0.15)
+            # SIGTERM only once all 20 requests (60 rows) wait in the server's queue: a request the server has not
+            # received yet is not in flight (on a loaded machine a fixed sleep raced it and got a reset).
+            deadline = time.monotonic() + 20
+            while await queued_rows(c) < 60 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             server.proc.send_signal(signal.SIGTERM)
             return list(await asyncio.gather(*tasks))
 
