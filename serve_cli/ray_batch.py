@@ -44,6 +44,7 @@ from serve_cli.runtime import (
     VARIANT_FILES,
     ModelDirError,
     OnnxClassifier,
+    default_variant,
     predict_proba_sorted,
     read_model_dir,
 )
@@ -284,7 +285,7 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     model_dir = Path(args.model)
     _, report = read_model_dir(model_dir)
-    variant = args.variant or report.get("default_variant") or ("int8" if (model_dir / VARIANT_FILES["int8"]).is_file() else "fp32")
+    variant = args.variant or default_variant(model_dir, report)
     if not (model_dir / VARIANT_FILES[variant]).is_file():
         raise ModelDirError(f"{model_dir / VARIANT_FILES[variant]}: variant {variant} not in this export")
     units = read_units(list_inputs(args.input))

@@ -41,6 +41,11 @@ def read_model_dir(model_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], d
     return config, report
 
 
+def default_variant(model_dir: Path, report: dict[str, Any]) -> str:
+    """The export's chosen variant; for exports without a report, int8 when present."""
+    return report.get("default_variant") or ("int8" if (model_dir / VARIANT_FILES["int8"]).is_file() else "fp32")
+
+
 class OnnxClassifier:
     """A text classifier over one ONNX variant of an export dir."""
 
@@ -59,7 +64,7 @@ class OnnxClassifier:
         config, report = read_model_dir(self.model_dir)
         self.labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
         self.report = report
-        self.variant = variant or report.get("default_variant") or ("int8" if (self.model_dir / VARIANT_FILES["int8"]).is_file() else "fp32")
+        self.variant = variant or default_variant(self.model_dir, report)
         if self.variant not in VARIANT_FILES:
             raise ModelDirError(f"variant {self.variant!r}: expected one of {', '.join(VARIANT_FILES)}")
         self.path = self.model_dir / VARIANT_FILES[self.variant]

@@ -117,7 +117,7 @@ def _parquet_class_names(path: Path, label_field: str) -> list[str] | None:
     return list(feature["names"]) if feature.get("_type") == "ClassLabel" else None
 
 
-def _hub_records(spec: str, fields: tuple[str, str]) -> tuple[Iterator[tuple[int, dict[str, Any]]], str]:
+def _hub_records(spec: str, fields: tuple[str, str]) -> Iterator[tuple[int, dict[str, Any]]]:
     import datasets
 
     name, _, split = spec.partition(":")
@@ -125,15 +125,14 @@ def _hub_records(spec: str, fields: tuple[str, str]) -> tuple[Iterator[tuple[int
     feature = ds.features.get(fields[1])
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     batches = (b for b in ds.with_format("arrow").iter(batch_size=BATCH_ROWS))
-    return _batch_records(batches, 1, fields, names, False), ds._fingerprint
+    return _batch_records(batches, 1, fields, names, False)
 
 
 def open_records(source: str, text_field: str, label_field: str) -> tuple[Source, Iterator[tuple[int, dict[str, Any]]]]:
     """The numbered records of one split, streamed (JSON arrays excepted), without checking them yet."""
     fields = (text_field, label_field)
     if source.startswith("hub:"):
-        records, _ = _hub_records(source.partition(":")[2], fields)
-        return Source(source, "row"), records
+        return Source(source, "row"), _hub_records(source.partition(":")[2], fields)
     path = Path(source)
     if not path.is_file():
         raise DataError(

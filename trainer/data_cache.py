@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from torch.utils.data import Dataset
 
-from trainer.data import BATCH_ROWS, DataError, Label, Source, iter_rows, label_id, unknown_label
+from trainer.data import BATCH_ROWS, Label, Source, iter_rows, label_id, unknown_label
 
 CACHE_VERSION = 3
 TOKENS_FILE = "tokens.arrow"
@@ -308,5 +308,3 @@ def load_or_build(source: str, text_field: str, label_field: str, max_length: in
         shutil.rmtree(tmp, ignore_errors=True)
     return load_split(target, source), "built"
 
-
-__all__ = ["DataError", "TokenizedSplit", "default_cache_root", "load_or_build"]
