@@ -51,9 +51,10 @@ def results() -> str:
     if t:
         machines.add((t["machine"]["cpu"], t["machine"]["cores"]))
         out += [f"### Training throughput (median of {t['reps']} runs of {t['steps']} steps)", "",
-                "| setup | samples/s | tokens/s | x reference |", "|---|---|---|---|"]
+                "| setup | samples/s | tokens/s | x reference | MFU |", "|---|---|---|---|---|"]
         for r in t["rows"]:
-            out.append(f"| {r['name']} | {r['samples_per_second']:.1f} | {r['tokens_per_second']:.0f} | {r['ratio_vs_reference']:.2f} |")
+            mfu = f"{r['mfu']:.0%}" if r.get("mfu") is not None else "-"
+            out.append(f"| {r['name']} | {r['samples_per_second']:.1f} | {r['tokens_per_second']:.0f} | {r['ratio_vs_reference']:.2f} | {mfu} |")
         out += ["", f"Command: `{t['command']}`.", ""]
     i = _load("inference")
     if i:
@@ -80,11 +81,14 @@ def results() -> str:
     if h:
         machines.add((h["machine"]["cpu"], h["machine"]["cores"]))
         sm = h["summary"]
+        reps = h.get("reps", 1)
         out += [f"### HTTP serving, closed loop on loopback ({h['machine']['cpu']}, {h['machine']['cores']} cores, "
-                f"flags: {', '.join(h['machine'].get('flags', [])) or 'n/a'}; one run)", "",
+                f"flags: {', '.join(h['machine'].get('flags', [])) or 'n/a'}; "
+                + (f"median of {reps} runs per cell)" if reps > 1 else "one run)"), "",
                 f"`serve_cli serve` ({h['variant']}, dynamic batching) vs the naive server a user writes (FastAPI + transformers "
                 "`pipeline` per request, fp32), each request 1 or 32 AG News test texts, "
-                f"{h['duration_s']:g} s of load per row.", "",
+                f"{h['duration_s']:g} s of load per run; the load generator (a minimal keep-alive HTTP/1.1 client) shares "
+                "the machine's cores with the server.", "",
                 "| server | texts/request | clients | requests | rows/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
         for r in h["rows"]:
             out.append(f"| {r['server']} | {r['texts_per_request']} | {r['concurrency']} | {r['requests']} | "
@@ -94,7 +98,10 @@ def results() -> str:
                 f"{sm['ours_vs_naive_single_c64']:.1f}x the naive server; p99 at 8 clients {sm['ours_p99_ms_single_c8']:.1f} ms. "
                 + (f"Labels equal to `serve_cli predict`'s under 64-client load: {100 * sm['int8_label_agreement_with_predict_c64']:.2f}%."
                    if sm.get("int8_label_agreement_with_predict_c64") is not None else ""),
-                "Command: `python benchmarks/serve_http.py`.", ""]
+                (f"By Little's law, 8 closed-loop clients see a mean latency of at least 8 / (the model's best rows/s) = "
+                 f"{sm['little_law_min_mean_ms_c8']:.0f} ms on this CPU, whatever the server does."
+                 if "little_law_min_mean_ms_c8" in sm else ""),
+                f"Command: `{h.get('command', 'python benchmarks/serve_http.py')}`.", ""]
     d = _load("data_scale")
     if d:
         machines.add((d["machine"]["cpu"], d["machine"]["cores"]))

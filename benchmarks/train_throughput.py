@@ -10,7 +10,8 @@ figure is the median over --reps runs of a fixed number of optimizer steps. Each
   query/value, dropout 0.1 (so only the loop differs: dynamic padding, length grouping, batch 32, and the
   default model.base_dropout=off); the same with model.base_dropout=keep shows what the dropout costs.
 - ours, default: configs/agnews_minilm.yaml as shipped.
-Throughput counts training steps only (our loop excludes its end-of-run evaluation and checkpoint).
+Throughput counts training steps only (our loop excludes its end-of-run evaluation and checkpoint). MFU:
+model FLOP/s over the GEMM peak of the dtype measured by each run (trainer/mfu.py).
 Saves benchmarks/results/train_throughput.json.
 """
 
@@ -62,7 +63,8 @@ def ours(steps: int, overrides: list[str]) -> dict[str, float]:
              "data.validation_fraction=0.01", "data.test=", "train.eval_baseline=false", "train.save_every=0",
              "output.tensorboard=false", f"output.run_dir={tmp}/run", *overrides])
         s = json.loads((Path(tmp) / "run" / "summary.json").read_text())
-    return {"samples_per_second": s["samples_per_second"], "tokens_per_second": s["tokens_per_second"]}
+    return {"samples_per_second": s["samples_per_second"], "tokens_per_second": s["tokens_per_second"], "mfu": s["mfu"]["mfu"],
+            "peak_gemm_gflops": s["mfu"]["peak_gemm_gflops"], "mfu_dtype": s["mfu"]["dtype"]}
 
 
 def main() -> int:
@@ -98,11 +100,14 @@ def main() -> int:
     for name, rs in runs.items():
         sps = median([r["samples_per_second"] for r in rs])
         rows.append({"name": name, "samples_per_second": sps, "tokens_per_second": median([r["tokens_per_second"] for r in rs]),
-                     "ratio_vs_reference": sps / ref, "runs": rs})
+                     "ratio_vs_reference": sps / ref, "runs": rs,
+                     # model FLOP/s over the GEMM peak each run measured (summary.json "mfu"); the reference has none
+                     "mfu": median([r["mfu"] for r in rs]) if "mfu" in rs[0] else None})
     result = {"benchmark": "train_throughput", "machine": machine(), "steps": args.steps, "reps": args.reps,
               "command": f"python benchmarks/train_throughput.py --steps {args.steps} --reps {args.reps}", "rows": rows}
-    print(table(["setup", "samples/s", "tokens/s", "x reference"],
-                [[r["name"], f"{r['samples_per_second']:.1f}", f"{r['tokens_per_second']:.0f}", f"{r['ratio_vs_reference']:.2f}"] for r in rows]))
+    print(table(["setup", "samples/s", "tokens/s", "x reference", "MFU"],
+                [[r["name"], f"{r['samples_per_second']:.1f}", f"{r['tokens_per_second']:.0f}", f"{r['ratio_vs_reference']:.2f}",
+                  f"{r['mfu']:.0%}" if r["mfu"] is not None else "-"] for r in rows]))
     save("train_throughput", result)
     return 0
 

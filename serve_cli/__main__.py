@@ -105,9 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sv.add_argument("--variant", choices=sorted(VARIANT_FILES), help="model variant (default: the export's default)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     sv.add_argument("--port", type=int, default=8080)
-    sv.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores)")
+    sv.add_argument("--threads", type=int, default=0, help="onnxruntime threads in all, split across workers (0 = all cores)")
+    sv.add_argument("--workers", type=int, default=0,
+                    help="model workers, each with its own ONNX session (0 = 2 where there are >= 2 threads, else 1)")
     sv.add_argument("--max-batch-tokens", type=positive, default=16384, help="padded tokens in one model run")
-    sv.add_argument("--max-batch-size", type=positive, default=64, help="rows merged into one batch")
+    sv.add_argument("--max-batch-size", type=positive, default=32, help="rows merged into one batch")
     sv.add_argument("--max-wait-ms", type=float, default=2.0, help="how long an idle batcher waits for more requests")
     sv.add_argument("--max-padding", type=float, default=0.25,
                     help="a sub-batch ends where padding would pass this share of its tokens (1: never split for padding)")
@@ -468,7 +470,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                     max_padding=args.max_padding, max_queue=args.max_queue, max_client_batch_size=args.max_client_batch_size,
                     payload_limit=args.payload_limit, request_timeout_s=args.request_timeout)
-    return serve(args.model, args.variant, args.host, args.port, args.threads, limits, args.log_texts, args.log_level)
+    return serve(args.model, args.variant, args.host, args.port, args.threads, args.workers, limits, args.log_texts, args.log_level)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,10 +10,11 @@ its score, best first (a list of such lists for a batch); `top_k` keeps only the
 429 queue full (with Retry-After), 504 timeout. `GET /health`, `/ready`, `/info`, `/metrics` (Prometheus),
 `/docs` (OpenAPI), and a try-it page at `/`.
 
-Concurrent requests are merged: the batcher waits at most --max-wait-ms after the first request, takes
-up to --max-batch-size rows, and one worker thread (owning the ONNX session) runs them length-sorted in
-sub-batches under --max-batch-tokens. The event loop never runs the model, so it keeps answering
-/health while the model works. Each request gets exactly its own rows back.
+Concurrent requests are merged: a model worker waits at most --max-wait-ms after the first request,
+takes up to --max-batch-size rows, tokenizes them and runs them length-sorted in sub-batches under
+--max-batch-tokens. Each worker is a thread owning its own ONNX session (--workers, default 2 of one
+thread each on 2 cores): one runs a batch while the next forms. The event loop never runs the model,
+so it keeps answering /health while the model works. Each request gets exactly its own rows back.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -42,7 +44,9 @@ class Limits:
     """Defaults sized for a 2-core machine (see the README's serving benchmark)."""
 
     max_batch_tokens: int = 16384  # padded tokens in one ONNX run (rows x longest row)
-    max_batch_size: int = 64  # rows merged into one batch
+    # Rows merged into one batch. 32, not 64: with two workers, 64 clients then fill two batches, so one
+    # worker runs while the other's batch forms (64: one batch took every client and the other worker idled).
+    max_batch_size: int = 32
     max_wait_ms: float = 2.0  # how long the first request of an idle batcher waits for company
     max_padding: float = 0.25  # a sub-batch ends where padding would pass this share of its tokens (1 = no limit)
     max_queue: int = 2048  # rows waiting before new requests get 429
@@ -84,24 +88,30 @@ class Metrics:
 
 
 class Batcher:
-    """Merges concurrent requests into batches; a single worker thread owns the ONNX session."""
+    """Merges concurrent requests into batches for model workers: each worker is a thread that owns its
+    own ONNX session and takes the next batch from the shared queue when it is free. With two workers of
+    one thread each, one collects the next batch while the other runs, and small batches do not pay for
+    onnxruntime's cross-thread synchronisation (measured on 2 cores: README, serving benchmark)."""
 
-    def __init__(self, clf: OnnxClassifier, limits: Limits, metrics: Metrics) -> None:
-        self.clf, self.limits, self.metrics = clf, limits, metrics
+    def __init__(self, models: list[OnnxClassifier], limits: Limits, metrics: Metrics) -> None:
+        self.models, self.limits, self.metrics = models, limits, metrics
+        self.clf = models[0]
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.pending_rows = 0
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
-        self.task: asyncio.Task[None] | None = None
+        self.executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnx{i}") for i in range(len(models))]
+        self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._loop())
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._loop(clf, ex)) for clf, ex in zip(self.models, self.executors, strict=True)]
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        for task in self.tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-        self.executor.shutdown(wait=True)
+                await task
+        for executor in self.executors:
+            executor.shutdown(wait=True)
 
     async def submit(self, texts: list[str], truncate: bool) -> np.ndarray:
         """Logits for `texts`, in order; 429 when the queue is full, 504 after the request timeout."""
@@ -137,7 +147,7 @@ class Batcher:
             rows += len(job.texts)
         return jobs
 
-    async def _loop(self) -> None:
+    async def _loop(self, clf: OnnxClassifier, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
         while True:
             jobs = await self._collect()
@@ -147,7 +157,7 @@ class Batcher:
             if not jobs:
                 continue
             try:
-                results = await loop.run_in_executor(self.executor, self._infer, jobs)
+                results = await loop.run_in_executor(executor, self._infer, clf, jobs)
             except Exception as e:  # a model failure answers its requests; the batcher goes on
                 log.exception("model run failed")
                 results = [ApiError(500, f"model run failed: {type(e).__name__}: {e}", "Backend") for _ in jobs]
@@ -159,14 +169,14 @@ class Batcher:
                 else:
                     job.future.set_result(result)
 
-    def _infer(self, jobs: list[Job]) -> list[np.ndarray | ApiError]:
+    def _infer(self, clf: OnnxClassifier, jobs: list[Job]) -> list[np.ndarray | ApiError]:
         """Worker thread: tokenize every row, run length-sorted sub-batches under the token budget."""
         texts = [t for j in jobs for t in j.texts]
-        encs = self.clf.encode(texts)
+        encs = clf.encode(texts)
         owner = [k for k, j in enumerate(jobs) for _ in j.texts]
         too_long = {owner[i] for i, e in enumerate(encs) if e.overflowing and not jobs[owner[i]].truncate}
         order = sorted((i for i in range(len(texts)) if owner[i] not in too_long), key=lambda i: len(encs[i].ids))
-        logits = np.zeros((len(texts), len(self.clf.labels)), dtype=np.float32)
+        logits = np.zeros((len(texts), len(clf.labels)), dtype=np.float32)
         start = 0
         while start < len(order):
             end, real = start + 1, len(encs[order[start]].ids)
@@ -181,7 +191,7 @@ class Batcher:
                 real += width
                 end += 1
             idx = order[start:end]
-            logits[idx] = self.clf.run([encs[i] for i in idx])
+            logits[idx] = clf.run([encs[i] for i in idx])
             self.metrics.batch_rows.observe(len(idx))
             self.metrics.batch_tokens.observe(len(idx) * len(encs[idx[-1]].ids))
             start = end
@@ -191,7 +201,7 @@ class Batcher:
         for k, job in enumerate(jobs):
             n = len(job.texts)
             if k in too_long:
-                out.append(ApiError(413, f"an input is longer than the model's {self.clf.max_length} tokens and truncate is false",
+                out.append(ApiError(413, f"an input is longer than the model's {clf.max_length} tokens and truncate is false",
                                     "Validation"))
             else:
                 out.append(logits[offset : offset + n])
@@ -240,17 +250,62 @@ def scores(logits: np.ndarray, labels: list[str], raw: bool, top_k: int | None) 
     return out
 
 
-def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: bool = False) -> Any:
+class AccessLog:
+    """Timing header, metrics and one log line per request, as plain ASGI middleware.
+
+    Starlette's `@app.middleware("http")` runs every request through an extra task and a response stream,
+    which cost more than the rest of a single-text request on a 2-core machine.
+    """
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        state = scope.setdefault("state", {})  # request.state: the handler records its rows there
+        status = 0
+
+        async def timed_send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                ms = 1000 * (time.perf_counter() - t0)
+                message = {**message, "headers": [*message.get("headers", []), (b"x-total-time", f"{ms:.1f}".encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        except Exception:
+            log.exception("unhandled error")
+            if status == 0:  # nothing sent yet: the client still gets a JSON answer
+                await JSONResponse({"error": "internal error", "error_type": "Backend"}, status_code=500)(scope, receive, timed_send)
+            else:
+                status = 500
+        ms = 1000 * (time.perf_counter() - t0)
+        path = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
+        self.metrics.requests.labels(path, str(status)).inc()
+        self.metrics.latency.labels(path).observe(ms / 1000)
+        log.info("%s %s %d rows=%d %.1fms", scope["method"], scope["path"], status, state.get("rows", 0), ms)
+
+
+def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: bool = False,
+               more_workers: list[OnnxClassifier] | None = None) -> Any:
+    """The app; `clf` and each of `more_workers` (sessions of the same model) become a model worker."""
     limits = limits or Limits()
+    models = [clf, *(more_workers or [])]
     metrics = Metrics()
     state: dict[str, Any] = {"ready": False}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
-        batcher = Batcher(clf, limits, metrics)
+        batcher = Batcher(models, limits, metrics)
         batcher.start()
         state["batcher"] = batcher
-        await batcher.submit(["warm up"], True)  # the first ONNX run allocates; users should not wait for it
+        # The first ONNX run of each session allocates; users should not wait for it.
+        await asyncio.gather(*(batcher.submit(["warm up"], True) for _ in models))
         state["ready"] = True
         log.info("ready: %s (%s), labels %s", clf.model_dir, clf.variant, clf.labels)
         yield
@@ -259,22 +314,7 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
 
     app = FastAPI(title="loraship serve_cli", version=_version(), lifespan=lifespan)
 
-    @app.middleware("http")
-    async def access(request: Request, call_next):  # type: ignore[no-untyped-def]
-        t0 = time.perf_counter()
-        request.state.rows = 0
-        try:
-            response = await call_next(request)
-        except Exception:
-            log.exception("unhandled error")
-            response = JSONResponse({"error": "internal error", "error_type": "Backend"}, status_code=500)
-        ms = 1000 * (time.perf_counter() - t0)
-        path = request.url.path if request.url.path in _KNOWN_PATHS else "other"
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(ms / 1000)
-        response.headers["x-total-time"] = f"{ms:.1f}"
-        log.info("%s %s %d rows=%d %.1fms", request.method, request.url.path, response.status_code, request.state.rows, ms)
-        return response
+    app.add_middleware(AccessLog, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -315,6 +355,7 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
             "model": str(clf.model_dir), "labels": clf.labels, "variant": clf.variant,
             "quantization": (clf.report.get("quantization") or {}).get("method") if clf.variant == "int8" else None,
             "max_length": clf.max_length, "limits": asdict(limits), "version": _version(),
+            "workers": len(models), "threads_per_worker": clf.threads,
         }
 
     @app.get("/metrics")
@@ -355,7 +396,16 @@ def _version() -> str:
         return "unknown"
 
 
-def serve(model: str, variant: str | None, host: str, port: int, threads: int, limits: Limits, log_texts: bool, log_level: str) -> int:
+def worker_threads(threads: int, workers: int) -> tuple[int, int]:
+    """(workers, onnxruntime threads per worker). threads 0 = every core; workers 0 = two one-thread-ish
+    workers where there are at least two threads (measured best on 2 cores), else one."""
+    threads = threads or os.cpu_count() or 1
+    workers = workers or (2 if threads >= 2 else 1)
+    return workers, max(1, threads // workers)
+
+
+def serve(model: str, variant: str | None, host: str, port: int, threads: int, workers: int, limits: Limits,
+          log_texts: bool, log_level: str) -> int:
     """Run until SIGINT/SIGTERM: uvicorn stops accepting, in-flight requests finish, then exit 0."""
     import uvicorn
 
@@ -367,8 +417,9 @@ def serve(model: str, variant: str | None, host: str, port: int, threads: int, l
             self._captured_signals.clear()
 
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    clf = OnnxClassifier(model, variant=variant, threads=threads or None, spin=False)
-    app = create_app(clf, limits, log_texts)
+    workers, per_worker = worker_threads(threads, workers)
+    models = [OnnxClassifier(model, variant=variant, threads=per_worker, spin=False) for _ in range(workers)]
+    app = create_app(models[0], limits, log_texts, more_workers=models[1:])
     config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level=log_level, timeout_graceful_shutdown=60)
     Server(config).run()
     return 0

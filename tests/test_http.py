@@ -272,3 +272,22 @@ def test_try_it_page_in_a_real_browser(fp32_server: Server, exported: Path, tmp_
     shot = tmp_path / "page.png"
     subprocess.run([*common, "--window-size=900,700", f"--screenshot={shot}", url], capture_output=True, timeout=120)
     assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unhandled_error_is_a_json_500_counted_in_metrics(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from starlette.testclient import TestClient
+
+    import serve_cli.http as http
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(http, "scores", broken)
+    with TestClient(http.create_app(OnnxClassifier(exported, variant="fp32")), raise_server_exceptions=False) as client:
+        r = client.post("/predict", json={"inputs": "game team"})
+        assert r.status_code == 500 and r.json() == {"error": "internal error", "error_type": "Backend"}
+        assert "x-total-time" in r.headers
+        assert client.get("/health").status_code == 200
+        metrics = client.get("/metrics").text
+    assert 'loraship_requests_total{path="/predict",status="500"} 1.0' in metrics
+    assert 'loraship_requests_total{path="/health",status="200"} 1.0' in metrics

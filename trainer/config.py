@@ -108,7 +108,22 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = field(default=2.0, metadata={"doc": "Passes over the training data (ignored if max_steps > 0)."})
+    epochs: float | Literal["auto"] = field(
+        default="auto",
+        metadata={
+            "doc": "Passes over the training data (ignored if max_steps > 0). 'auto': from the data, so that each label "
+            "is seen about 1,000 times on average (2 to 20 epochs; many labels with few rows each get more passes), "
+            "with early stopping (train.patience) keeping the best adapter; summary.json says what was chosen and why."
+        },
+    )
+    time_budget_minutes: float = field(
+        default=0.0,
+        metadata={
+            "doc": "Finish the training loop (steps, evaluations, checkpoints) within this many minutes: the loop "
+            "measures its speed over the first steps and fixes the number of steps, and so the learning-rate "
+            "schedule, to fit; never more steps than epochs/max_steps give. 0 = no budget."
+        },
+    )
     max_steps: int = field(default=0, metadata={"doc": "Optimizer steps to run; 0 = use epochs."})
     batch_size: int = field(default=32, metadata={"doc": "Per-process batch size."})
     eval_batch_size: int = field(default=64, metadata={"doc": "Per-process evaluation batch size."})
@@ -130,7 +145,17 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata={"doc": "Evaluate every N optimizer steps (0 = only at epoch ends)."})
     save_every: int = field(default=200, metadata={"doc": "Checkpoint (accelerate save_state) every N optimizer steps; 0 = epoch ends only."})
     keep_checkpoints: int = field(default=2, metadata={"doc": "Newest checkpoints kept; older ones are deleted."})
-    patience: int = field(default=0, metadata={"doc": "Stop after this many evaluations without improvement (0 = never)."})
+    patience: int | Literal["auto"] = field(
+        default="auto",
+        metadata={"doc": "Stop after this many evaluations without improvement (0 = never). 'auto': 3 when epochs is auto, else 0."},
+    )
+    class_weights: Literal["none", "auto"] = field(
+        default="none",
+        metadata={
+            "doc": "'auto': weight the training loss by inverse label frequency (rows / (labels x rows of the label), "
+            "at most 10), so rare labels count as much as common ones; for imbalanced data where macro F1 matters."
+        },
+    )
     metric_for_best: Literal["accuracy", "f1_weighted", "f1_macro", "loss"] = field(
         default="accuracy", metadata={"doc": "Validation metric that picks the best adapter (loss: lower is better)."}
     )
@@ -187,6 +212,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin is list:
         return f"list of {_type_name(get_args(tp)[0])}"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -212,7 +239,14 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         (inner,) = get_args(tp)
         return [_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
     if origin in (Union, types.UnionType):
-        raise TypeError(f"unsupported annotation at {where}")
+        # e.g. float | Literal["auto"]: the first alternative that takes the value wins.
+        for option in get_args(tp):
+            trial: list[str] = []
+            converted = _coerce(value, option, where, trial)
+            if not trial:
+                return converted
+        problems.append(f"{where}: got {value!r}; expected {_type_name(tp)}")
+        return None
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -272,7 +306,9 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         (bool(cfg.data.label_field), "data.label_field: must not be empty"),
         (len(set(cfg.data.labels)) == len(cfg.data.labels), "data.labels: contains duplicates"),
         (cfg.data.labels == [] or len(cfg.data.labels) >= 2, "data.labels: give at least two labels or leave empty"),
-        (cfg.train.epochs > 0 or cfg.train.max_steps > 0, "train.epochs / train.max_steps: one must be > 0"),
+        (cfg.train.epochs == "auto" or cfg.train.epochs > 0 or cfg.train.max_steps > 0,
+         "train.epochs / train.max_steps: one must be > 0 (or epochs: auto)"),
+        (cfg.train.time_budget_minutes >= 0, f"train.time_budget_minutes: got {cfg.train.time_budget_minutes}; expected >= 0"),
         (cfg.train.max_steps >= 0, f"train.max_steps: got {cfg.train.max_steps}; expected >= 0"),
         (cfg.train.batch_size >= 1, f"train.batch_size: got {cfg.train.batch_size}; expected >= 1"),
         (cfg.train.eval_batch_size >= 1, f"train.eval_batch_size: got {cfg.train.eval_batch_size}; expected >= 1"),
@@ -284,7 +320,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         (cfg.train.eval_every >= 0, "train.eval_every: expected >= 0"),
         (cfg.train.save_every >= 0, "train.save_every: expected >= 0"),
         (cfg.train.keep_checkpoints >= 1, f"train.keep_checkpoints: got {cfg.train.keep_checkpoints}; expected >= 1"),
-        (cfg.train.patience >= 0, "train.patience: expected >= 0"),
+        (cfg.train.patience == "auto" or cfg.train.patience >= 0, "train.patience: expected >= 0 or auto"),
         (cfg.train.log_every >= 1, "train.log_every: expected >= 1"),
         (cfg.train.cpu_threads >= 0, "train.cpu_threads: expected >= 0"),
     ]

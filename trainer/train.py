@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from export.common import CALIBRATION_FILE, VALIDATION_FILE
 from serve_cli.fsutil import OWNER_MARKER, OutputError, RunDirLock, is_owned, mark_owned
-from trainer import checkpoints
+from trainer import checkpoints, mfu, recipe
 from trainer.config import (
     Config,
     ConfigError,
@@ -82,6 +82,8 @@ class TrainState:
         self.evals_without_improvement = 0
         self.samples = 0
         self.tokens = 0
+        self.budget_steps = 0  # total steps fixed by train.time_budget_minutes after the first steps (0 = none)
+        self.loop_seconds = 0.0  # loop time up to the last checkpoint, across resumes (time budget)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -109,9 +111,24 @@ class Run:
     data_report: dict[str, Any] = field(default_factory=dict)  # cache hit/built and setup seconds per split
     meta: dict[str, Any] = field(default_factory=dict)
     state: TrainState = field(default_factory=TrainState)
-    total_steps: int = 0
     overhead: float = 0.0  # seconds spent evaluating and checkpointing inside the loop (not training)
+    timings: dict[str, list[float]] = field(default_factory=lambda: {"evaluation": [], "checkpoint": []})
+    cap_steps: int = 0  # steps that epochs / max_steps give: a time budget never runs more
+    per_epoch: int = 0  # optimizer steps per epoch
+    patience: int = 0  # resolved train.patience
+    recipe: dict[str, Any] = field(default_factory=dict)  # what was chosen and why (summary.json)
+    class_weights: torch.Tensor | None = None  # train.class_weights=auto: per-label loss weights
+    start_step: int = 0  # global step when this process's loop started (after a resume: the checkpoint's)
+    loop_start: float = 0.0  # perf_counter at the start of this process's loop
     launcher_pid: int | None = None  # parent pid of a launched worker; None when not launched
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of this run: what epochs / max_steps give, or fewer when a time budget fixed them (a resumed
+        run takes the checkpoint's budget plan only when it still has a budget)."""
+        if self.state.budget_steps and self.cfg.train.time_budget_minutes:
+            return min(self.state.budget_steps, self.cap_steps)
+        return self.cap_steps
 
     @property
     def ckpt_root(self) -> Path:
@@ -415,8 +432,6 @@ def save_selection_data(run: Run) -> None:
 
 def build_training(run: Run) -> None:
     """Model with LoRA, AdamW (no decay on biases/LayerNorm), warmup + decay schedule, prepared loaders."""
-    from transformers import get_scheduler
-
     cfg, accelerator = run.cfg, run.accelerator
     model = build_model(cfg.model, cfg.lora, run.labels, cfg.train.seed)
     accelerator.print(trainable_summary(model))
@@ -429,14 +444,12 @@ def build_training(run: Run) -> None:
         [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.train.lr,
     )
-    per_epoch = steps_per_epoch(len(run.splits["train"]), cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum)
-    run.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
-    # The prepared scheduler steps once per process for every optimizer step, hence the factor.
-    scheduler = get_scheduler(
-        "constant_with_warmup" if cfg.train.scheduler == "constant" else cfg.train.scheduler,
-        optimizer,
-        num_warmup_steps=int(cfg.train.warmup_ratio * run.total_steps) * accelerator.num_processes,
-        num_training_steps=run.total_steps * accelerator.num_processes,
+    plan_steps(run)
+    # The prepared scheduler steps once per process for every optimizer step, hence the division. The total
+    # is read at every step: a time budget fixes it after the first steps and the schedule follows.
+    procs, t = accelerator.num_processes, cfg.train
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda count: recipe.lr_factor(count / procs, run.total_steps, t.warmup_ratio, t.scheduler)
     )
     eval_names = [n for n in ("validation", "test") if n in loaders]
     prepared = accelerator.prepare(model, optimizer, scheduler, loaders["train"], *[loaders[n] for n in eval_names])
@@ -444,6 +457,55 @@ def build_training(run: Run) -> None:
     run.eval_loaders = dict(zip(eval_names, prepared[4:], strict=True))
     if cfg.output.tensorboard and accelerator.log_with:
         accelerator.init_trackers("tb")
+
+
+def plan_steps(run: Run) -> None:
+    """Epochs (a number, or `auto` from the data), the steps they give, and early stopping's patience."""
+    t, acc = run.cfg.train, run.accelerator
+    rows = len(run.splits["train"])
+    run.per_epoch = steps_per_epoch(rows, t.batch_size, acc.num_processes, t.grad_accum)
+    if t.max_steps:
+        epochs, why = t.max_steps / run.per_epoch, f"train.max_steps={t.max_steps}"
+    elif t.epochs == "auto":
+        counts = np.bincount(run.splits["train"].labels(), minlength=len(run.labels))
+        epochs, why = recipe.auto_epochs(rows, counts)
+    else:
+        epochs, why = float(t.epochs), "train.epochs"
+    run.cap_steps = t.max_steps or math.ceil(epochs * run.per_epoch)
+    run.patience = (recipe.AUTO_PATIENCE if t.epochs == "auto" and not t.max_steps else 0) if t.patience == "auto" else t.patience
+    run.recipe = {"epochs": round(epochs, 3), "epochs_setting": t.epochs, "why": why, "steps_per_epoch": run.per_epoch,
+                  "steps": run.cap_steps, "patience": run.patience}
+    if t.class_weights == "auto":
+        weights = recipe.class_weights(np.bincount(run.splits["train"].labels(), minlength=len(run.labels)))
+        run.class_weights = torch.tensor(weights, dtype=torch.float32, device=acc.device)
+        run.recipe["class_weights"] = dict(zip(run.labels, np.round(weights, 4).tolist(), strict=True))
+    acc.print(f"recipe: {run.cap_steps} steps ({why}); early stopping patience {run.patience or 'off'}"
+              + (f"; time budget {t.time_budget_minutes:g} min" if t.time_budget_minutes else ""))
+
+
+def fit_budget(run: Run, loop_seconds: float) -> None:  # loop_seconds: this process's loop so far
+    """Fix the total steps so the loop ends within train.time_budget_minutes. Planned once the first steps
+    are measured, and again after each evaluation (its measured cost replaces the estimate); every rank
+    takes rank 0's plan, so all stop at the same step."""
+    t, acc, state = run.cfg.train, run.accelerator, run.state
+    done = state.global_step
+    train_seconds = max(loop_seconds - run.overhead, 1e-9)
+    steps = max(done - run.start_step, 1)
+    step_s = train_seconds / steps
+    evals, saves = run.timings["evaluation"], run.timings["checkpoint"]
+    # Before the first evaluation, estimate it: a forward pass is about a third of a training step's work.
+    eval_s = float(np.mean(evals)) if evals else len(run.splits["validation"]) / acc.num_processes / t.batch_size * step_s / 3
+    costs = recipe.Costs(step=step_s, evaluation=eval_s, checkpoint=float(np.mean(saves)) if saves else 0.0)
+    total = recipe.budget_steps(60 * t.time_budget_minutes, state.loop_seconds + time.perf_counter() - run.loop_start, done, run.cap_steps, costs,
+                                run.per_epoch, t.eval_every, t.save_every)
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        total = int(broadcast(torch.tensor([total], device=acc.device), from_process=0).item())
+    state.budget_steps = total
+    run.recipe["time_budget"] = {"minutes": t.time_budget_minutes, "planned_steps": total, "planned_at_step": done,
+                                 "step_seconds": round(step_s, 4), "evaluation_seconds": round(eval_s, 3),
+                                 "checkpoint_seconds": round(costs.checkpoint, 3)}
 
 
 def restore(run: Run, resume_from: Path | None) -> None:
@@ -479,7 +541,8 @@ def restore(run: Run, resume_from: Path | None) -> None:
 
 def fit(run: Run) -> float:
     """The training loop. One place decides, after each optimizer step, whether to log, evaluate and save,
-    so a step that is an epoch end and also a multiple of eval_every/save_every is evaluated and saved once."""
+    so a step that is an epoch end and also a multiple of eval_every/save_every is evaluated and saved once.
+    With train.time_budget_minutes, the total steps are fixed after the first steps and after each evaluation."""
     from tqdm.auto import tqdm
 
     cfg, acc, state = run.cfg.train, run.accelerator, run.state
@@ -487,7 +550,9 @@ def fit(run: Run) -> float:
     model.train()
     progress = tqdm(total=run.total_steps, initial=state.global_step, disable=not acc.is_local_main_process, desc="train")
     interval = torch.zeros(2, device=acc.device)  # sum of micro-batch losses, count: the logged loss is their mean
-    start = time.perf_counter()
+    start = run.loop_start = time.perf_counter()
+    run.start_step = state.global_step
+    budget = cfg.time_budget_minutes > 0
     stop = False
     while state.global_step < run.total_steps and not stop:
         run.train_loader.set_epoch(state.epoch)
@@ -495,7 +560,7 @@ def fit(run: Run) -> float:
         for batch in batches:
             batch.pop("index")
             with acc.accumulate(model):
-                loss = model(**batch).loss
+                loss = training_loss(model, batch, run.class_weights)
                 check_health(run, loss)  # a non-finite loss or a dead launcher stops every rank here
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
@@ -518,14 +583,36 @@ def fit(run: Run) -> float:
             if state.global_step % cfg.log_every == 0:
                 log_train(run, interval, progress)
                 interval.zero_()
-            if epoch_end or last or every(state.global_step, cfg.eval_every):
+            evaluated = epoch_end or last or every(state.global_step, cfg.eval_every)
+            if evaluated:
                 stop = validate(run, "epoch_end" if epoch_end else "eval")
             if epoch_end or last or stop or every(state.global_step, cfg.save_every):
                 save_checkpoint(run)
             if stop or last:
                 break
+            if budget and (evaluated or state.global_step - run.start_step == BUDGET_PROBE_STEPS):
+                fit_budget(run, time.perf_counter() - start)
+                progress.total = run.total_steps
+                progress.refresh()
     progress.close()
+    if budget:
+        loop_total = state.loop_seconds + time.perf_counter() - run.loop_start
+        # planned_steps None: the epochs ended before the first BUDGET_PROBE_STEPS steps were measured.
+        plan = run.recipe.setdefault("time_budget", {"minutes": cfg.time_budget_minutes, "planned_steps": None})
+        plan["loop_seconds"] = round(loop_total, 2)
     return time.perf_counter() - start
+
+
+def training_loss(model: Any, batch: dict[str, torch.Tensor], class_weights: torch.Tensor | None) -> torch.Tensor:
+    """The model's own cross-entropy, or with train.class_weights the weighted one (computed in fp32)."""
+    if class_weights is None:
+        return model(**batch).loss
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], weight=class_weights)
+
+
+# Optimizer steps timed before a time budget fixes the total (the first steps are slower: allocation, warm-up).
+BUDGET_PROBE_STEPS = 10
 
 
 def every(step: int, n: int) -> bool:
@@ -579,14 +666,16 @@ def validate(run: Run, kind: str) -> bool:
         record = {"event": kind, "step": state.global_step, "epoch": state.epoch, "best": improved, **{f"val_{k}": v for k, v in metrics.items()}}
         log_line(run.metrics_path, record)
         acc.log({f"val/{k}": metrics[k] for k in ("loss", "accuracy", "f1_weighted", "f1_macro")}, step=state.global_step)
-        if cfg.patience and state.evals_without_improvement >= cfg.patience:
+        if run.patience and state.evals_without_improvement >= run.patience:
             acc.set_trigger()
     run.overhead += time.perf_counter() - t0
+    run.timings["evaluation"].append(time.perf_counter() - t0)
     acc.print(f"step {state.global_step}: val accuracy {metrics['accuracy']:.4f} f1_w {metrics['f1_weighted']:.4f} "
               f"loss {metrics['loss']:.4f}" + (" (best)" if improved else ""))
     stop = acc.check_trigger()
     if stop:
-        acc.print(f"early stopping: no improvement in {cfg.patience} evaluations")
+        acc.print(f"early stopping: no improvement in {run.patience} evaluations")
+        run.recipe["early_stopped_at_step"] = state.global_step
     return stop
 
 
@@ -610,6 +699,8 @@ def save_checkpoint(run: Run) -> None:
     """Every rank saves its state into a partial dir; the main process completes it and renames it into place."""
     t0 = time.perf_counter()
     acc, step = run.accelerator, run.state.global_step
+    run.state.loop_seconds += t0 - run.loop_start  # loop time so far, kept across a resume (time budget)
+    run.loop_start = t0
     if acc.is_main_process:
         run.ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(checkpoints.partial_dir(run.ckpt_root, step), ignore_errors=True)
@@ -620,6 +711,7 @@ def save_checkpoint(run: Run) -> None:
         checkpoints.finish(run.ckpt_root, step, run.state.state_dict(), run.run_dir / "adapter", run.cfg.train.keep_checkpoints)
     acc.wait_for_everyone()
     run.overhead += time.perf_counter() - t0
+    run.timings["checkpoint"].append(time.perf_counter() - t0)
 
 
 # --- finish --------------------------------------------------------------------------------------------
@@ -643,7 +735,11 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
         "num_processes": acc.num_processes,
         "data": run.data_report,
         "labels": run.labels,
+        "recipe": run.recipe,
     }
+    if summary["tokens_per_second"]:
+        mean_length = (state.tokens - start_tokens) / max(state.samples - start_samples, 1)
+        summary["mfu"] = mfu.report(acc, run.model, run.mixed_precision, summary["tokens_per_second"], mean_length)
     if "test" in run.eval_loaders:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -661,7 +757,8 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log_line(run.metrics_path, {"event": "end", **summary})
     rate = summary["samples_per_second"]
-    acc.print(f"done in {elapsed:.0f}s" + (f" ({rate:.1f} samples/s)" if rate else "") + f"; run dir: {run.run_dir}")
+    acc.print(f"done in {elapsed:.0f}s" + (f" ({rate:.1f} samples/s, MFU {summary['mfu']['mfu']:.0%} of the measured "
+              f"{summary['mfu']['dtype']} GEMM peak)" if rate else "") + f"; run dir: {run.run_dir}")
     if not cfg.data.cache:
         acc.wait_for_everyone()  # every process is done reading the mapped files
         if acc.is_local_main_process:
