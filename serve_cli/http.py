@@ -95,7 +95,6 @@ class Batcher:
 
     def __init__(self, models: list[OnnxClassifier], limits: Limits, metrics: Metrics) -> None:
         self.models, self.limits, self.metrics = models, limits, metrics
-        self.clf = models[0]
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.pending_rows = 0
         self.executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnx{i}") for i in range(len(models))]
@@ -253,8 +252,8 @@ def scores(logits: np.ndarray, labels: list[str], raw: bool, top_k: int | None) 
 class AccessLog:
     """Timing header, metrics and one log line per request, as plain ASGI middleware.
 
-    Starlette's `@app.middleware("http")` runs every request through an extra task and a response stream,
-    which cost more than the rest of a single-text request on a 2-core machine.
+    Starlette's `@app.middleware("http")` runs every request through an extra task and a response stream:
+    per-request work that a 2-core machine takes from the model.
     """
 
     def __init__(self, app: Any, metrics: Metrics) -> None:

@@ -87,6 +87,7 @@ def test_endpoints(fp32_server: Server, exported: Path) -> None:
     info = httpx.get(f"{url}/info").json()
     assert info["labels"] == ["Business", "Sci/Tech", "Sports", "World"] and info["variant"] == "fp32"
     assert info["max_length"] == 32 and info["limits"]["max_client_batch_size"] == 256 and info["version"]
+    assert info["limits"]["max_batch_size"] == 32 and info["workers"] * info["threads_per_worker"] >= 1
     assert httpx.get(f"{url}/docs").status_code == 200 and "/predict" in httpx.get(f"{url}/openapi.json").text
     page = httpx.get(f"{url}/")
     assert page.status_code == 200 and 'id="top-label"' in page.text
@@ -291,3 +292,13 @@ def test_unhandled_error_is_a_json_500_counted_in_metrics(exported: Path, monkey
         metrics = client.get("/metrics").text
     assert 'loraship_requests_total{path="/predict",status="500"} 1.0' in metrics
     assert 'loraship_requests_total{path="/health",status="200"} 1.0' in metrics
+
+
+def test_model_workers_split_the_threads() -> None:
+    from serve_cli.http import worker_threads
+
+    assert worker_threads(2, 0) == (2, 1)  # 2 cores: two one-thread workers
+    assert worker_threads(16, 0) == (2, 8)
+    assert worker_threads(1, 0) == (1, 1)
+    assert worker_threads(4, 1) == (1, 4)
+    assert worker_threads(3, 4) == (4, 1)  # never fewer than one thread per worker
