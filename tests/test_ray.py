@@ -192,13 +192,14 @@ def test_killed_actor_is_replaced_and_every_row_written_once(cluster: str, expor
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "serve_cli", "predict", "--engine", "ray", "--address", cluster, "--quiet", "--model", str(exported),
            "--input", str(inputs / "pq"), "--output", str(out), "--id-field", "id", "--actors", "2", "--batch-size", "8"]
-    # 3000 rows in 64-row actor calls, 0.1 s each: ~2.5 s per actor of work, time to kill one mid-job.
+    # 3000 rows in actor calls of 8 x WINDOW_BATCHES = 256 rows (12 calls), 0.6 s each: ~3.6 s of work per actor, time
+    # to kill one mid-job (0.1 s per call, written for 64-row calls, let a loaded CI machine finish first).
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env={**env(), "LORASHIP_RAY_BATCH_DELAY_S": "0.1"}, cwd=REPO)
+                           env={**env(), "LORASHIP_RAY_BATCH_DELAY_S": "0.6"}, cwd=REPO)
     deadline = time.time() + 120
     while len(_actor_pids()) < 2 and time.time() < deadline and job.poll() is None:
         time.sleep(0.2)
-    time.sleep(1.5)  # both actors are working through their batches
+    time.sleep(1.0)  # both actors are working through their batches
     victims = _actor_pids()
     assert victims and job.poll() is None, "the job ended before an actor could be killed"
     os.kill(victims[0], signal.SIGKILL)
