@@ -5,8 +5,9 @@
         trec=runs/trec_coarse:trec:label trec_fine=runs/trec_fine:trec:fine_label
 
 Without --tasks: the dynamic methods of `--quantization` (below). With --tasks: the export's accuracy-aware
-int8 candidates (export/int8_search.py) on each task's run: validation accuracy (what chooses), test
-accuracy and rows/s of every candidate, and how much each depends on batching: the same test texts
+int8 candidates (export/int8_search.py) on each task's run: the search's criterion (validation accuracy,
+expected drops; what chooses), test accuracy, rows/s (median of --reps interleaved passes over the first
+--speed-rows test rows) of every candidate, and how much each depends on batching: the same test texts
 predicted in serve_cli's length-sorted batches and in random batches of 32, argmax flips per 10,000 rows.
 Saves benchmarks/results/int8_candidates.json.
 
@@ -57,7 +58,20 @@ def random_batches(clf: object, texts: list[str], seed: int = 0, batch: int = 32
     return out
 
 
-def candidates_on_task(name: str, run: Path, data: Path, label_field: str, test_rows: int) -> dict[str, object]:
+def speed(clf: object, texts: list[str]) -> float:
+    """Rows/s of serve_cli's batching (length-sorted windows, batch 32) on an open session."""
+    from serve_cli.__main__ import DEFAULT_BATCH_SIZE, predict_in_order
+    from serve_cli.io import Row
+
+    t0 = time.perf_counter()
+    for _ in predict_in_order(clf, (Row(i, i, t) for i, t in enumerate(texts)), DEFAULT_BATCH_SIZE):  # type: ignore[arg-type]
+        pass
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def candidates_on_task(name: str, run: Path, data: Path, label_field: str, test_rows: int, reps: int, speed_rows: int) -> dict[str, object]:
+    """The export's search (every candidate measured) on the run's selection rows, then each candidate on the
+    test split: accuracy, flips between batchings, and rows/s (median of `reps` interleaved passes)."""
     from export.gate import load_eval_file, onnx_predict
     from export.int8_search import search
     from serve_cli.runtime import OnnxClassifier
@@ -74,23 +88,35 @@ def candidates_on_task(name: str, run: Path, data: Path, label_field: str, test_
         saved = Path(tmp) / "candidates"
         saved.mkdir()
         found = search(d, validation, calibration, 0.3, 0, try_all=True, save_candidates=saved)
+        dirs = {"fp32": (d, "fp32")}
+        for c in found["candidates"]:  # one dir per candidate: every session stays open for the interleaved timing
+            dirs[c["name"]] = (Path(tmp) / c["name"], "int8")
+            shutil.copytree(d, dirs[c["name"]][0])
+            shutil.copy(saved / f"{c['name']}.onnx", dirs[c["name"]][0] / "model_quantized.onnx")
         rows = []
-        for variant, path in [("fp32", None)] + [(c["name"], saved / f"{c['name']}.onnx") for c in found["candidates"]]:
-            if path is not None:
-                shutil.copy(path, d / "model_quantized.onnx")
-            v = "fp32" if path is None else "int8"
-            t0 = time.perf_counter()
-            pred = onnx_predict(d, v, test_texts, 0)
-            rate = len(test_texts) / (time.perf_counter() - t0)
-            flips = float((random_batches(OnnxClassifier(d, variant=v), test_texts) != pred).mean() * 10_000)
-            cand = next((c for c in found["candidates"] if c["name"] == variant), None)
-            rows.append({"name": variant, "validation_accuracy": cand["accuracy"] if cand else found["fp32"]["accuracy"],
-                         "test_accuracy": float((pred == test_y).mean()), "test_rows_per_second": rate,
-                         "flips_per_10k_rows": flips, "excluded": cand["exclude"] if cand else [], "chosen": bool(cand and cand["chosen"])})
-            print(f"{name} {variant}: val {rows[-1]['validation_accuracy']:.4f} test {rows[-1]['test_accuracy']:.4f} "
-                  f"{rate:.0f} rows/s, {flips:.1f} flips/10k", flush=True)
-    return {"task": name, "labels": len(labels), "validation_rows": len(validation[1]), "test_rows": len(test_y),
-            "chosen": found["chosen"], "search_seconds": found["seconds"], "rows": rows}
+        for variant, (vd, v) in dirs.items():
+            pred = onnx_predict(vd, v, test_texts, 0)
+            few = slice(0, 2000)
+            flips = float((random_batches(OnnxClassifier(vd, variant=v), test_texts[few]) != pred[few]).mean() * 10_000)
+            cand = next((c for c in found["candidates"] if c["name"] == variant), {})
+            rows.append({"name": variant, "validation_accuracy": cand.get("accuracy", found["fp32"]["accuracy"]),
+                         **{k: cand.get(k) for k in ("expected_drop_points", "unlabelled_expected_drop_points", "agreement", "exclude", "why")},
+                         "test_accuracy": float((pred == test_y).mean()), "flips_per_10k_rows": flips, "chosen": bool(cand.get("chosen"))})
+        clfs = {k: OnnxClassifier(vd, variant=v) for k, (vd, v) in dirs.items()}
+        runs: dict[str, list[float]] = {k: [] for k in clfs}
+        for _ in range(reps):
+            for k, clf in clfs.items():
+                runs[k].append(speed(clf, test_texts[:speed_rows]))
+        for r in rows:
+            r["rows_per_second"], r["runs"] = median(runs[r["name"]]), runs[r["name"]]
+            r["x_fp32"] = r["rows_per_second"] / rows[0]["rows_per_second"]
+            r["test_drop_points"] = 100 * (rows[0]["test_accuracy"] - r["test_accuracy"])
+            print(f"{name} {r['name']}: val {r['validation_accuracy']:.4f} test {r['test_accuracy']:.4f} ({r['test_drop_points']:+.2f}) "
+                  f"{r['rows_per_second']:.0f} rows/s ({r['x_fp32']:.2f}x), {r['flips_per_10k_rows']:.1f} flips/10k"
+                  + (" <- chosen" if r["chosen"] else ""), flush=True)
+    return {"task": name, "labels": len(labels), "validation_rows": len(validation[1]), "unlabelled_rows": found["unlabelled_rows"],
+            "test_rows": len(test_y), "speed_rows": min(speed_rows, len(test_y)), "chosen": found["chosen"],
+            "search_seconds": found["seconds"], "rows": rows}
 
 
 def main() -> int:
@@ -99,6 +125,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tasks", nargs="+", metavar="NAME=RUN:DATA:LABEL_FIELD", help="int8 candidates per task (DATA: a dir in ../shared/data)")
     p.add_argument("--test-rows", type=int, default=0, help="with --tasks: only the first N test rows (0 = all)")
+    p.add_argument("--speed-rows", type=int, default=1000, help="with --tasks: rows/s on the first N test rows, median of --reps")
     args = p.parse_args()
     if args.tasks:
         sys.path.insert(0, str(REPO))
@@ -106,9 +133,9 @@ def main() -> int:
         for spec in args.tasks:
             name, _, rest = spec.partition("=")
             run, data, field = rest.split(":")
-            out.append(candidates_on_task(name, REPO / run, data_dir().parent / data, field, args.test_rows))
+            out.append(candidates_on_task(name, REPO / run, data_dir().parent / data, field, args.test_rows, args.reps, args.speed_rows))
         save("int8_candidates", {"benchmark": "int8_candidates", "machine": machine(), "tasks": out,
-                                 "command": "python benchmarks/quantization.py --test-rows "
+                                 "command": f"python benchmarks/quantization.py --reps {args.reps} --speed-rows {args.speed_rows} --test-rows "
                                  f"{args.test_rows} --tasks " + " ".join(args.tasks)})
         return 0
     sys.path.insert(0, str(REPO))

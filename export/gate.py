@@ -37,15 +37,20 @@ def accuracy_f1(y: np.ndarray, pred: np.ndarray, n_labels: int) -> dict[str, flo
     return {"accuracy": report["accuracy"], "f1_weighted": report["f1_weighted"]}
 
 
-def onnx_predict(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
-    """Predictions exactly as `serve_cli predict/eval` makes them."""
+def onnx_proba(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
+    """Probabilities exactly as `serve_cli predict/eval` makes them (its windows, batches and batch mates)."""
     from serve_cli.__main__ import DEFAULT_BATCH_SIZE, predict_in_order
     from serve_cli.io import Row
     from serve_cli.runtime import OnnxClassifier
 
     clf = OnnxClassifier(onnx_dir, variant=variant, threads=threads or None)
     rows = (Row(i, i, t) for i, t in enumerate(texts))
-    return np.array([int(p.argmax()) for _, p in predict_in_order(clf, rows, DEFAULT_BATCH_SIZE)])
+    return np.stack([p for _, p in predict_in_order(clf, rows, DEFAULT_BATCH_SIZE)]) if texts else np.zeros((0, len(clf.labels)))
+
+
+def onnx_predict(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
+    """Predictions exactly as `serve_cli predict/eval` makes them."""
+    return onnx_proba(onnx_dir, variant, texts, threads).argmax(-1)
 
 
 def onnx_logits(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:

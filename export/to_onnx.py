@@ -313,7 +313,8 @@ def int8_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any,
         report["int8_search"] = found
         report["quantization"] = {"method": found["chosen"] or f"{found['shipped']} (not the default)", "cpu_flags": flags, "seconds": found["seconds"]}
         for c in found["candidates"]:
-            print(f"int8 candidate {c['name']}: validation accuracy {c['accuracy']:.4f} ({c['drop_points']:+.2f} points), "
+            print(f"int8 candidate {c['name']}: validation accuracy {c['accuracy']:.4f} ({c['drop_points']:+.2f} points), expected drop "
+                  f"{c['expected_drop_points']:+.2f} / {c['unlabelled_expected_drop_points']:+.2f} (validation / training texts), "
                   f"{c['rows_per_second']:.0f} rows/s" + (" <- chosen" if c["chosen"] else ""))
         gate = {"by": "validation accuracy (int8 search)", "rows": found["validation_rows"], "verdict": found["verdict"]}
         default = "int8" if found["chosen"] else "fp32"

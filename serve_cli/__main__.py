@@ -453,7 +453,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         if "int8_search" in report:
             s = report["int8_search"]
             info["int8_search"] = {"selected_on": s["selected_on"], "chosen": s["chosen"], "candidates": [
-                {k: c[k] for k in ("name", "exclude", "accuracy", "drop_points", "rows_per_second", "chosen")} for c in s["candidates"]]}
+                {k: c.get(k) for k in ("name", "exclude", "accuracy", "drop_points", "expected_drop_points", "unlabelled_expected_drop_points",
+                                       "agreement", "rows_per_second", "chosen")} for c in s["candidates"]]}
         if "eval_file" in report:
             ev = report["eval_file"]
             info["eval_file"] = {k: ev[k] for k in ("file", "rows", "merged", "onnx_fp32", "onnx_int8") if k in ev}

@@ -164,21 +164,23 @@ def test_onnx_parity_failure_leaves_nothing(trained_run: Path, tmp_path: Path, m
 def test_no_qualifying_int8_candidate_keeps_fp32(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import export.gate as gate_mod
 
-    real = gate_mod.onnx_predict
+    real = gate_mod.onnx_proba
 
     def worse_int8(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
-        pred = real(onnx_dir, variant, texts, threads)
+        probs = real(onnx_dir, variant, texts, threads)
         if variant == "int8":
-            pred[:8] = (real(onnx_dir, "fp32", texts[:8], threads) + 1) % 4  # 8 of 40 rows wrong: 20 points worse
-        return pred
+            # The first 8 texts (of the 40 validation rows) get another label than fp32's: 20 points worse.
+            wrong = (real(onnx_dir, "fp32", texts[:8], threads).argmax(-1) + 1) % probs.shape[1]
+            probs[:8] = np.eye(probs.shape[1])[wrong]
+        return probs
 
-    monkeypatch.setattr(gate_mod, "onnx_predict", worse_int8)
+    monkeypatch.setattr(gate_mod, "onnx_proba", worse_int8)
     out = tmp_path / "onnx"
     assert main(["--run", str(trained_run), "--output", str(out), "--max-int8-drop", "0.3"]) == 0
     report = json.loads((out / "export_report.json").read_text())
     search = report["int8_search"]
     assert search["chosen"] is None and len(search["candidates"]) >= 2, "every candidate was tried"
-    assert all(c["drop_points"] > 0.3 and not c["chosen"] for c in search["candidates"])
+    assert all(c["expected_drop_points"] > 0.3 and not c["chosen"] for c in search["candidates"])
     assert report["default_variant"] == "fp32" and "fp32 is the default" in search["verdict"]
     assert (out / "model_quantized.onnx").is_file(), "the plain int8 file still ships, not as the default"
 

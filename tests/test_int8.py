@@ -15,21 +15,34 @@ from trainer.train import main as train_main
 SENSITIVE = "/bert/pooler/dense/Gemm"
 
 
-@pytest.fixture(scope="module")
-def outlier_run(tiny_bert: Path, toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny BERT with an activation outlier at one MatMul's input: channel 0 of the last LayerNorm is scaled
-    up 1000x and the pooler's weights for that channel down 1000x, so the fp32 function is unchanged, but
-    dynamic int8 picks the pooler input's activation scale from that one channel and the rest collapse."""
+def outlier_model(tiny_bert: Path, out: Path, layers: list[int], where: str, factor: float = 1000) -> Path:
+    """A copy of the tiny BERT with one activation channel scaled up `factor` times and the weights that read it
+    scaled down as much: the fp32 function is unchanged, but a per-tensor int8 activation scale is set by that one
+    channel and the others collapse. where="pooler": channel 0 of the last LayerNorm (read only by the pooler);
+    where="context": channel 0 of the attention context (value output), read only by the attention output."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    base = shutil.copytree(tiny_bert, tmp_path_factory.mktemp("outlier") / "base")
-    weights = load_file(str(base / "model.safetensors"))
+    base = shutil.copytree(tiny_bert, out)
+    w = load_file(str(base / "model.safetensors"))
     with torch.no_grad():
-        weights["encoder.layer.1.output.LayerNorm.weight"][0] *= 1000
-        weights["encoder.layer.1.output.LayerNorm.bias"][0] *= 1000
-        weights["pooler.dense.weight"][:, 0] /= 1000
-    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+        for i in layers:
+            if where == "pooler":
+                w[f"encoder.layer.{i}.output.LayerNorm.weight"][0] *= factor
+                w[f"encoder.layer.{i}.output.LayerNorm.bias"][0] *= factor
+                w["pooler.dense.weight"][:, 0] /= factor
+            else:
+                w[f"encoder.layer.{i}.attention.self.value.weight"][0] *= factor
+                w[f"encoder.layer.{i}.attention.self.value.bias"][0] *= factor
+                w[f"encoder.layer.{i}.attention.output.dense.weight"][:, 0] /= factor
+    save_file(w, str(base / "model.safetensors"), metadata={"format": "pt"})
+    return base
+
+
+@pytest.fixture(scope="module")
+def outlier_run(tiny_bert: Path, toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pooler outlier (a Gemm: smoothing does not touch it, keeping it in fp32 does)."""
+    base = outlier_model(tiny_bert, tmp_path_factory.mktemp("outlier") / "base", [1], "pooler")
     run = tmp_path_factory.mktemp("outlier-run") / "run"
     # LoRA on attention only: the pooler stays exactly the scaled base weights.
     assert train_main(tiny_args(base, toy_data, run, "train.epochs=3", "lora.init_std=0.02", "lora.target_modules=[query, value]",
@@ -82,3 +95,66 @@ def test_static_only_search_gives_batch_independent_int8(outlier_run: Path, tmp_
     together = clf.logits(texts)
     # Static scales: a row's logits do not depend on its batch mates (padding is masked).
     np.testing.assert_allclose(alone, together, atol=1e-4)
+
+
+def test_search_smooths_an_activation_outlier(tiny_bert: Path, toy_data: Path, tmp_path: Path) -> None:
+    base = outlier_model(tiny_bert, tmp_path / "base", [0, 1], "context", factor=100)
+    run = tmp_path / "run"
+    # LoRA on the query only: the scaled value and output weights stay as built.
+    assert train_main(tiny_args(base, toy_data, run, "train.epochs=3", "lora.init_std=0.02", "lora.target_modules=[query]",
+                                "train.lr=0.02")) == 0
+    out = tmp_path / "onnx"
+    assert export_main(["--run", str(run), "--output", str(out), "--max-int8-drop", "5", "--int8-try-all"]) == 0
+    search = json.loads((out / "export_report.json").read_text())["int8_search"]
+    by_name = {c["name"]: c for c in search["candidates"]}
+    assert by_name["dynamic"]["expected_drop_points"] > 5, "plain dynamic int8 fails the criterion on this model"
+    smooth = by_name["dynamic-smooth"]
+    # Smoothing alone (nothing kept in fp32) brings int8 back to fp32's predictions: the outlier was the cause.
+    assert smooth["exclude"] == [] and smooth["expected_drop_points"] < 1 and smooth["unlabelled_expected_drop_points"] < 1
+    assert smooth["agreement"] > by_name["dynamic"]["agreement"] + 0.1
+
+
+def test_qualify_needs_both_expected_drops_and_a_labelled_drop_within_its_noise() -> None:
+    import numpy as np
+
+    from export.int8_search import Candidate, expected_drop_points, labelled_tolerance, qualify
+
+    ref = np.array([[0.9, 0.1], [0.55, 0.45], [0.2, 0.8]])
+    # A flip where fp32 was sure costs 0.8 of a row, a near-tie flip 0.1: (0.8 + 0.1) / 3 rows = 30 points.
+    assert expected_drop_points(ref, np.array([1, 1, 1])) == pytest.approx(30.0)
+    assert expected_drop_points(ref, ref.argmax(-1)) == 0.0
+    # 4 of 400 rows changed: the net count wanders by sqrt(4) = 2 rows = 0.5 points; two of those: 1 point.
+    assert labelled_tolerance(4, 400) == pytest.approx(1.0) and labelled_tolerance(0, 400) == 0.0
+
+    def cand(drop: float, flips: int, expected: float = 0.1, unlabelled: float = 0.1) -> Candidate:
+        return Candidate("c", "dynamic", drop_points=drop, flips=flips, expected_drop_points=expected,
+                         unlabelled_expected_drop_points=unlabelled)
+
+    assert qualify(cand(1.25, 4), 0.3, validation_rows=400), "1.25 <= 0.3 + 1.0: within the labelled noise"
+    worse = cand(1.5, 4)
+    assert not qualify(worse, 0.3, validation_rows=400) and "labelled validation drop" in worse.why
+    held_out = cand(0.0, 0, expected=0.5, unlabelled=0.0)
+    assert not qualify(held_out, 0.3, validation_rows=400) and "on validation texts" in held_out.why
+    training = cand(0.0, 0, expected=0.0, unlabelled=0.5)
+    assert not qualify(training, 0.3, validation_rows=400) and "on training texts" in training.why
+
+
+def test_smoothing_keeps_the_fp32_function(outlier_run: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    from export.int8_search import calibration_feeds
+    from export.smooth import smooth_model
+    from serve_cli.runtime import OnnxClassifier
+
+    out = tmp_path / "onnx"
+    assert export_main(["--run", str(outlier_run), "--output", str(out), "--max-int8-drop", "5"]) == 0
+    texts = [json.loads(x)["text"] for x in (outlier_run / "calibration.jsonl").read_text().splitlines()]
+    feeds = calibration_feeds(OnnxClassifier(out, variant="fp32"), texts)
+    smoothed = smooth_model(out / "model.onnx", tmp_path / "smoothed.onnx", feeds, 0.7)
+    assert len(smoothed) == 2 * 4, "per layer: the attention input (Q, K, V share it), the context, the FFN input, the GELU output"
+    ref = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = ort.InferenceSession(str(tmp_path / "smoothed.onnx"), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        a, b = ref.run(None, feed)[0], got.run(None, feed)[0]
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)

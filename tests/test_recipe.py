@@ -158,3 +158,42 @@ def test_weighted_training_loss(tiny_bert: Path, toy_data: Path, tmp_path: Path)
     assert main(tiny_args(tiny_bert, toy_data, run, "train.class_weights=auto", "train.max_steps=2")) == 0
     weights = json.loads((run / "summary.json").read_text())["recipe"]["class_weights"]
     assert set(weights) == {"World", "Sports", "Business", "Sci/Tech"} and all(0 < v <= 10 for v in weights.values())
+
+
+def test_label_smoothing_in_the_training_loss(tiny_bert: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from trainer.train import training_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=4).eval()
+    batch = {"input_ids": torch.randint(5, 100, (6, 9)), "attention_mask": torch.ones(6, 9, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 2, 3, 0, 0])}
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        smoothed = float(training_loss(model, batch, None, 0.1))
+    expected = torch.nn.functional.cross_entropy(logits, batch["labels"], label_smoothing=0.1)
+    assert smoothed == pytest.approx(float(expected), rel=1e-5)
+    assert smoothed != pytest.approx(float(torch.nn.functional.cross_entropy(logits, batch["labels"])), rel=1e-3)
+
+
+def test_head_learns_at_its_own_rate(tiny_bert: Path) -> None:
+    from trainer.config import load_config
+    from trainer.modeling import build_model
+    from trainer.train import param_groups
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_bert}", "data.train=x.jsonl", "train.lr=0.001", "train.head_lr_scale=10"])
+    model = build_model(cfg.model, cfg.lora, ["a", "b", "c"], seed=0)
+    groups = param_groups(model, cfg.train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr: dict[float, list[str]] = {}
+    for g in groups:
+        by_lr.setdefault(g["lr"], []).extend(names[id(p)] for p in g["params"])
+    assert set(by_lr) == {0.001, 0.01}
+    assert by_lr[0.01] and all("modules_to_save" in n for n in by_lr[0.01]), "the head at 10x"
+    assert all("lora_" in n for n in by_lr[0.001])
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    assert all(g["weight_decay"] == 0.0 for g in groups if g["params"][0].ndim < 2)
+    with pytest.raises(ConfigError, match="head_lr_scale"):
+        load_config(None, ["data.train=x.jsonl", "train.head_lr_scale=0"])
