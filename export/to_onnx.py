@@ -212,9 +212,14 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
 
     merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    phases = report["phase_seconds"] = {"merge": report["merge"]["seconds"]}
     with atomic_dir(onnx_dir, args.force, "--force", "export.to_onnx ONNX dir", check_lock=not inside(onnx_dir, args.run)) as tmp:
+        t0 = time.perf_counter()
         onnx_phase(args, tmp, merged, tokenizer, texts, meta, report)
+        phases["onnx_export_and_parity"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         default_variant, gate = int8_phase(args, tmp, merged, tokenizer, texts, meta, method, selection, report)
+        phases["int8_and_default_variant"] = time.perf_counter() - t0
         report["gate"] = gate
         report["default_variant"] = default_variant
         print(f"default variant: {default_variant} ({gate['by']}): {gate['verdict']}")
@@ -222,7 +227,7 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
             t0 = time.perf_counter()
             report["eval_file"] = measure_file(tmp, eval_data, args.eval_file.name, len(meta["labels"]), args.threads,
                                                merged if args.eval_merged else None, tokenizer, meta["max_length"])
-            report["eval_file"]["seconds"] = time.perf_counter() - t0
+            report["eval_file"]["seconds"] = phases["eval_file"] = time.perf_counter() - t0
             ev = report["eval_file"]
             print(f"{args.eval_file.name} ({ev['rows']} rows, reported, not used to choose): "
                   + ", ".join(f"{k} acc {ev[k]['accuracy']:.4f}" for k in ("merged", "onnx_fp32", "onnx_int8") if k in ev))
@@ -236,7 +241,8 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
         report["training_config"] = meta.get("config")
         report["total_seconds"] = time.perf_counter() - start
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
-    print(f"wrote {onnx_dir} (default variant {report['default_variant']}) in {report['total_seconds']:.0f}s")
+    print(f"wrote {onnx_dir} (default variant {report['default_variant']}) in {report['total_seconds']:.0f}s ("
+          + ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in phases.items()) + ")")
     return 0
 
 

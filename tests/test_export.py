@@ -45,6 +45,9 @@ def test_export_writes_validated_onnx_dir(exported: Path, trained_run: Path) -> 
     config = json.loads((exported / "config.json").read_text())
     assert config["id2label"] == {"0": "Business", "1": "Sci/Tech", "2": "Sports", "3": "World"}
     assert report["versions"]["onnxruntime"] and report["opset"] == 18
+    phases = report["phase_seconds"]
+    assert set(phases) == {"merge", "onnx_export_and_parity", "int8_and_default_variant", "eval_file"}
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= report["total_seconds"]
 
 
 def test_merged_model_differs_from_base_and_keeps_the_head(exported: Path, trained_run: Path, tiny_bert: Path) -> None:
