@@ -77,6 +77,7 @@ def results() -> str:
             else:
                 out.append(f"| {r['name']} | {r['rows_per_second']:.0f} | {r['accuracy']:.4f} | {r['size_mb']:.1f} MB |")
         out += ["", f"Command: `{qz['command']}`.", ""]
+    out += int8_candidates(machines) + int8_profile(machines) + recipe_table(machines)
     h = _load("serve_http")
     if h:
         machines.add((h["machine"]["cpu"], h["machine"]["cores"]))
@@ -142,6 +143,66 @@ def results() -> str:
         return "No measurements saved yet: run the scripts in `benchmarks/` (see benchmarks/README.md)."
     head = "Measured on " + "; ".join(f"{cpu}, {cores} cores" for cpu, cores in sorted(machines)) + ", by the scripts in `benchmarks/` (figures from `benchmarks/results/*.json`)."
     return head + "\n\n" + "\n".join(out).rstrip()
+
+
+def int8_candidates(machines: set[tuple[str, int]]) -> list[str]:
+    c = _load("int8_candidates")
+    if not c:
+        return []
+    m = c["machine"]
+    machines.add((m["cpu"], m["cores"]))
+    out = [f"### Accuracy-aware int8, per task ({m['cpu']}, {m['cores']} cores, flags: {', '.join(m.get('flags', [])) or 'n/a'})", "",
+           "The export's search with every candidate measured; it chooses on the run's validation split "
+           "and training texts (expected drop: fp32's probabilities as soft labels), the test split only reports. "
+           "rows/s: serve_cli batching, median of interleaved runs; flips: argmax changes per 10,000 test rows between "
+           "serve_cli's sorted batches and random batches of 32.", "",
+           "| task | candidate | expected drop val / train | val acc | test acc (drop) | rows/s (x fp32) | flips/10k | |",
+           "|---|---|---|---|---|---|---|---|"]
+    for t in c["tasks"]:
+        # The export (without --int8-try-all) keeps the first candidate that qualifies: candidates come fastest first.
+        ok = [r["name"] for r in t["rows"] if "within the criterion" in (r.get("why") or "")]
+        for r in t["rows"]:
+            mark = "" if r["name"] not in ok else ("chosen by the export" if r["name"] == ok[0] else "qualifies")
+            exp = "-" if r.get("expected_drop_points") is None else f"{r['expected_drop_points']:+.2f} / {r['unlabelled_expected_drop_points']:+.2f}"
+            out.append(f"| {t['task']} ({t['labels']} labels, {t['validation_rows']:,} val / {t['test_rows']:,} test) | {r['name']} | {exp} | "
+                       f"{r['validation_accuracy']:.4f} | {r['test_accuracy']:.4f} ({r['test_drop_points']:+.2f}) | "
+                       f"{r['rows_per_second']:.0f} ({r['x_fp32']:.2f}x) | {r['flips_per_10k_rows']:.0f} | {mark} |")
+    return [*out, "", f"Command: `{c['command']}`.", ""]
+
+
+def int8_profile(machines: set[tuple[str, int]]) -> list[str]:
+    p = _load("int8_profile")
+    if not p:
+        return []
+    machines.add((p["machine"]["cpu"], p["machine"]["cores"]))
+    fp, q = p["variants"]["fp32"], p["variants"]["int8"]
+    return [f"### Where int8 time goes (AG News, {p['rows']:,} test texts, session time, {p['threads']} threads)", "",
+            "| variant | rows/s | ms/row | linear layers ms/row | everything else ms/row |", "|---|---|---|---|---|",
+            *[f"| {v} | {r['rows_per_second']:.0f} | {r['ms_per_row']:.2f} | {r['linear_ms_per_row']:.2f} | {r['other_ms_per_row']:.2f} |"
+              for v, r in (("fp32", fp), (f"int8 ({p['int8_method']})", q))],
+            "", f"int8 {p['int8_x_fp32']:.2f}x fp32; its linear layers {p['linear_layers_int8_x_fp32']:.2f}x. What stays fp32 "
+            "(LayerNorm, GELU, softmax, attention's activation products) bounds the whole: with linear layers exactly 2x faster "
+            f"(the int8/fp32 multiply-add peak without VNNI) the model would gain {p['bound_if_linear_2x']:.2f}x.",
+            f"Command: `{p['command']}`.", ""]
+
+
+def recipe_table(machines: set[tuple[str, int]]) -> list[str]:
+    r = _load("recipe")
+    if not r:
+        return []
+    m = r["machine"]
+    machines.add((m["cpu"], m["cores"]))
+    out = [f"### Recipe settings, one training each ({m['cpu']}, {m['cores']} cores; single seed)", "",
+           "Defaults with one setting changed; the best adapter is chosen on validation, test only reports. AG News under "
+           "`train.time_budget_minutes=5` (equal training time per setting).", "",
+           "| task | setting | val acc | test acc | test macro F1 | epochs / steps | training |", "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        if "error" in row:
+            out.append(f"| {row['task']} | {row['setting']} | failed | | | | |")
+            continue
+        out.append(f"| {row['task']} | {row['setting']} | {row['validation_accuracy']:.4f} | {row['test_accuracy']:.4f} | "
+                   f"{row['test_f1_macro']:.4f} | {row['epochs']} / {row['steps']} | {row['train_seconds'] / 60:.1f} min |")
+    return [*out, "", f"Command: `{r['command']}`.", ""]
 
 
 def render(text: str) -> str:
