@@ -145,12 +145,19 @@ def results() -> str:
     return head + "\n\n" + "\n".join(out).rstrip()
 
 
+def _measured(name: str, machines: set[tuple[str, int]]) -> dict[str, Any] | None:
+    """The saved result, its machine noted for the results' header."""
+    r = _load(name)
+    if r:
+        machines.add((r["machine"]["cpu"], r["machine"]["cores"]))
+    return r
+
+
 def int8_candidates(machines: set[tuple[str, int]]) -> list[str]:
-    c = _load("int8_candidates")
+    c = _measured("int8_candidates", machines)
     if not c:
         return []
     m = c["machine"]
-    machines.add((m["cpu"], m["cores"]))
     out = [f"### Accuracy-aware int8, per task ({m['cpu']}, {m['cores']} cores, flags: {', '.join(m.get('flags', [])) or 'n/a'})", "",
            "The export's search with every candidate measured; it chooses on the run's validation split "
            "and training texts (expected drop: fp32's probabilities as soft labels), the test split only reports. "
@@ -171,10 +178,9 @@ def int8_candidates(machines: set[tuple[str, int]]) -> list[str]:
 
 
 def int8_profile(machines: set[tuple[str, int]]) -> list[str]:
-    p = _load("int8_profile")
+    p = _measured("int8_profile", machines)
     if not p:
         return []
-    machines.add((p["machine"]["cpu"], p["machine"]["cores"]))
     fp, q = p["variants"]["fp32"], p["variants"]["int8"]
     return [f"### Where int8 time goes (AG News, {p['rows']:,} test texts, session time, {p['threads']} threads)", "",
             "| variant | rows/s | ms/row | linear layers ms/row | everything else ms/row |", "|---|---|---|---|---|",
@@ -187,11 +193,10 @@ def int8_profile(machines: set[tuple[str, int]]) -> list[str]:
 
 
 def recipe_table(machines: set[tuple[str, int]]) -> list[str]:
-    r = _load("recipe")
+    r = _measured("recipe", machines)
     if not r:
         return []
     m = r["machine"]
-    machines.add((m["cpu"], m["cores"]))
     out = [f"### Recipe settings, one training each ({m['cpu']}, {m['cores']} cores; single seed)", "",
            "Defaults with one setting changed; the best adapter is chosen on validation, test only reports. AG News under "
            "`train.time_budget_minutes=5` (equal training time per setting).", "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -135,11 +136,10 @@ def test_class_weights_are_balanced_and_capped() -> None:
     assert w.tolist() == pytest.approx([402 / 900, 402 / 300, 1.0, recipe.MAX_CLASS_WEIGHT])
 
 
-def test_weighted_training_loss(tiny_bert: Path, toy_data: Path, tmp_path: Path) -> None:
+def _model_batch_logits(tiny_bert: Path) -> tuple[Any, dict[str, Any], Any]:
+    """A 4-label tiny classifier, a batch of 6 random rows, and its logits."""
     import torch
     from transformers import AutoModelForSequenceClassification
-
-    from trainer.train import training_loss
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=4).eval()
@@ -147,6 +147,16 @@ def test_weighted_training_loss(tiny_bert: Path, toy_data: Path, tmp_path: Path)
              "labels": torch.tensor([0, 1, 2, 3, 0, 0])}
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return model, batch, logits
+
+
+def test_weighted_training_loss(tiny_bert: Path, toy_data: Path, tmp_path: Path) -> None:
+    import torch
+
+    from trainer.train import training_loss
+
+    model, batch, logits = _model_batch_logits(tiny_bert)
+    with torch.no_grad():
         plain = float(training_loss(model, batch, None))
         weighted = float(training_loss(model, batch, torch.tensor([0.5, 1.0, 2.0, 4.0])))
     assert plain == pytest.approx(float(torch.nn.functional.cross_entropy(logits, batch["labels"])), rel=1e-5)
@@ -162,16 +172,11 @@ def test_weighted_training_loss(tiny_bert: Path, toy_data: Path, tmp_path: Path)
 
 def test_label_smoothing_in_the_training_loss(tiny_bert: Path) -> None:
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     from trainer.train import training_loss
 
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=4).eval()
-    batch = {"input_ids": torch.randint(5, 100, (6, 9)), "attention_mask": torch.ones(6, 9, dtype=torch.long),
-             "labels": torch.tensor([0, 1, 2, 3, 0, 0])}
+    model, batch, logits = _model_batch_logits(tiny_bert)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         smoothed = float(training_loss(model, batch, None, 0.1))
     expected = torch.nn.functional.cross_entropy(logits, batch["labels"], label_smoothing=0.1)
     assert smoothed == pytest.approx(float(expected), rel=1e-5)
