@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine, save
+from common import REPO, RESULTS, machine, save
 
 TASKS = {
     "trec_coarse": ("configs/trec_coarse.yaml", []),
@@ -29,6 +29,7 @@ TASKS = {
 }
 SETTINGS = {
     "default": [],
+    "head_lr_x1": ["train.head_lr_scale=1"],
     "head_lr_x5": ["train.head_lr_scale=5"],
     "label_smoothing_0.1": ["train.label_smoothing=0.1"],
     "warmup_0.1": ["train.warmup_ratio=0.1"],
@@ -58,9 +59,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--append", action="store_true", help="keep the saved rows of other (task, setting) pairs")
     args = p.parse_args()
     rows: list[dict[str, object]] = []
     command = "python benchmarks/recipe.py --tasks " + " ".join(args.tasks) + " --settings " + " ".join(args.settings)
+    saved = RESULTS / "recipe.json"
+    if args.append and saved.is_file():
+        old = json.loads(saved.read_text())
+        wanted = {(t, s) for t in args.tasks for s in args.settings}
+        rows = [r for r in old["rows"] if (r["task"], r["setting"]) not in wanted]
+        command = f"{old['command']}; {command} --append"
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
             for setting in args.settings:

@@ -190,7 +190,7 @@ def test_head_learns_at_its_own_rate(tiny_bert: Path) -> None:
 
     cfg = load_config(None, [f"model.name_or_path={tiny_bert}", "data.train=x.jsonl", "train.lr=0.001", "train.head_lr_scale=10"])
     model = build_model(cfg.model, cfg.lora, ["a", "b", "c"], seed=0)
-    groups = param_groups(model, cfg.train)
+    groups = param_groups(model, cfg.train, recipe.head_lr_scale(cfg.train.head_lr_scale, 3)[0])
     names = {id(p): n for n, p in model.named_parameters()}
     by_lr: dict[float, list[str]] = {}
     for g in groups:
@@ -202,3 +202,11 @@ def test_head_learns_at_its_own_rate(tiny_bert: Path) -> None:
     assert all(g["weight_decay"] == 0.0 for g in groups if g["params"][0].ndim < 2)
     with pytest.raises(ConfigError, match="head_lr_scale"):
         load_config(None, ["data.train=x.jsonl", "train.head_lr_scale=0"])
+
+
+def test_auto_head_lr_scale_follows_the_label_count() -> None:
+    assert recipe.head_lr_scale("auto", 4)[0] == 1.0 and recipe.head_lr_scale("auto", 10)[0] == 1.0
+    scale, why = recipe.head_lr_scale("auto", 50)
+    assert scale == recipe.AUTO_HEAD_LR_SCALE and "50 labels" in why
+    assert recipe.head_lr_scale(2.5, 50) == (2.5, "train.head_lr_scale")
+

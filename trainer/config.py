@@ -130,9 +130,10 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata={"doc": "Gradient accumulation steps per optimizer step."})
     lr: float = field(default=1e-3, metadata={"doc": "Peak learning rate (AdamW)."})
     weight_decay: float = field(default=0.01, metadata={"doc": "AdamW weight decay (not applied to biases and LayerNorm)."})
-    head_lr_scale: float = field(
-        default=1.0,
-        metadata={"doc": "The classification head (lora.modules_to_save, trained in full) learns at lr x this; the LoRA weights at lr."},
+    head_lr_scale: float | Literal["auto"] = field(
+        default="auto",
+        metadata={"doc": "The classification head (lora.modules_to_save, trained in full) learns at lr x this; the LoRA weights "
+                  "at lr. 'auto': 5 with more than 10 labels (a head trained from scratch over many labels), else 1."},
     )
     label_smoothing: float = field(default=0.0, metadata={"doc": "Label smoothing of the training cross-entropy (0 = off)."})
     warmup_ratio: float = field(default=0.06, metadata={"doc": "Share of optimizer steps with linear warmup."})
@@ -320,7 +321,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         (cfg.train.grad_accum >= 1, f"train.grad_accum: got {cfg.train.grad_accum}; expected >= 1"),
         (cfg.train.lr > 0, f"train.lr: got {cfg.train.lr}; expected > 0"),
         (cfg.train.weight_decay >= 0, f"train.weight_decay: got {cfg.train.weight_decay}; expected >= 0"),
-        (cfg.train.head_lr_scale > 0, f"train.head_lr_scale: got {cfg.train.head_lr_scale}; expected > 0"),
+        (cfg.train.head_lr_scale == "auto" or cfg.train.head_lr_scale > 0, f"train.head_lr_scale: got {cfg.train.head_lr_scale}; expected > 0 or auto"),
         (0 <= cfg.train.label_smoothing < 1, f"train.label_smoothing: got {cfg.train.label_smoothing}; expected in [0, 1)"),
         (0 <= cfg.train.warmup_ratio < 1, f"train.warmup_ratio: got {cfg.train.warmup_ratio}; expected 0 <= r < 1"),
         (cfg.train.max_grad_norm >= 0, f"train.max_grad_norm: got {cfg.train.max_grad_norm}; expected >= 0"),

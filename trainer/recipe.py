@@ -103,3 +103,22 @@ def class_weights(label_counts: np.ndarray) -> np.ndarray:
     weights = np.ones(len(label_counts), dtype=np.float64)
     weights[present] = label_counts.sum() / (present.sum() * label_counts[present])
     return np.minimum(weights, MAX_CLASS_WEIGHT)
+
+
+# Measured (benchmarks/recipe.py, single seed, validation / test accuracy, head at 5x vs 1x): TREC fine, 50
+# labels: 0.924 / 0.916 vs 0.881 / 0.864 (macro F1 0.73 vs 0.60); AG News, 4 labels, 5-minute budget:
+# 0.923 / 0.906 vs 0.912 / 0.906; TREC coarse, 6 labels: 0.929 / 0.968 vs 0.944 / 0.970. Many labels gain
+# clearly; few labels do not consistently, so they keep the head at the LoRA rate.
+AUTO_HEAD_LR_SCALE = 5.0
+AUTO_HEAD_LR_MIN_LABELS = 11
+
+
+def head_lr_scale(setting: float | str, labels: int) -> tuple[float, str]:
+    """The head's learning-rate multiplier and why (summary.json)."""
+    if setting != "auto":
+        return float(setting), "train.head_lr_scale"
+    if labels >= AUTO_HEAD_LR_MIN_LABELS:
+        return AUTO_HEAD_LR_SCALE, (f"{labels} labels: a head trained from scratch over many labels learns at "
+                                    f"{AUTO_HEAD_LR_SCALE:g}x (more than {AUTO_HEAD_LR_MIN_LABELS - 1} labels)")
+    return 1.0, f"{labels} labels: the head learns at the LoRA rate ({AUTO_HEAD_LR_MIN_LABELS - 1} labels or fewer)"
+

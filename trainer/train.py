@@ -448,8 +448,8 @@ def build_training(run: Run) -> None:
     # DistilBERT-like models take no token_type_ids even when the tokenizer makes them.
     takes_token_types = "token_type_ids" in inspect.signature(model.get_base_model().forward).parameters
     loaders = make_loaders(run.splits, cfg.train, run.tokenizer.pad_token_id, takes_token_types, accelerator.num_processes)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train), lr=cfg.train.lr)
     plan_steps(run)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train, run.recipe["head_lr_scale"]), lr=cfg.train.lr)
     # The prepared scheduler steps once per process for every optimizer step, hence the division. The total
     # is read at every step: a time budget fixes it after the first steps and the schedule follows.
     procs, t = accelerator.num_processes, cfg.train
@@ -464,13 +464,13 @@ def build_training(run: Run) -> None:
         accelerator.init_trackers("tb")
 
 
-def param_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict[str, Any]]:
-    """No weight decay on biases and LayerNorm; the head (peft's modules_to_save copies) at lr x head_lr_scale."""
+def param_groups(model: torch.nn.Module, t: TrainConfig, head_scale: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm; the head (peft's modules_to_save copies) at lr x head_scale."""
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.setdefault(("modules_to_save" in name, p.ndim >= 2), []).append(p)
-    return [{"params": params, "weight_decay": t.weight_decay if decay else 0.0, "lr": t.lr * (t.head_lr_scale if head else 1.0)}
+    return [{"params": params, "weight_decay": t.weight_decay if decay else 0.0, "lr": t.lr * (head_scale if head else 1.0)}
             for (head, decay), params in sorted(groups.items())]
 
 
@@ -488,8 +488,9 @@ def plan_steps(run: Run) -> None:
         epochs, why = float(t.epochs), "train.epochs"
     run.cap_steps = t.max_steps or math.ceil(epochs * run.per_epoch)
     run.patience = (recipe.AUTO_PATIENCE if t.epochs == "auto" and not t.max_steps else 0) if t.patience == "auto" else t.patience
+    head_scale, head_why = recipe.head_lr_scale(t.head_lr_scale, len(run.labels))
     run.recipe = {"epochs": round(epochs, 3), "epochs_setting": t.epochs, "why": why, "steps_per_epoch": run.per_epoch,
-                  "steps": run.cap_steps, "patience": run.patience}
+                  "steps": run.cap_steps, "patience": run.patience, "head_lr_scale": head_scale, "head_lr_why": head_why}
     if t.class_weights == "auto":
         weights = recipe.class_weights(counts)
         run.class_weights = torch.tensor(weights, dtype=torch.float32, device=acc.device)
