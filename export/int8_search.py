@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from export.common import INT8_FILE
-from export.smooth import session_with_outputs, smooth_model
+from export.smooth import SMOOTH_ALPHA, session_with_outputs, smooth_model
 
 
 @dataclass
@@ -66,9 +66,6 @@ class Candidate:
     why: str = ""
 
 
-# Measured on TREC coarse and fine (validation and test agreement with fp32): 0.3 lost 11-22 points (the
-# weights take too much range), 0.5 helped held-out texts but not training texts, 0.7 helped both.
-SMOOTH_ALPHA = 0.7
 CALIBRATION_FEED_ROWS = 256  # texts that calibrate static ranges, smoothing and sensitivity
 
 

@@ -18,6 +18,11 @@ from typing import Any
 
 import numpy as np
 
+# Measured on TREC coarse (validation and test agreement with fp32): 0.3 lost 11 validation / 22 test points (the
+# weights take too much range), 0.5 helped held-out texts but not training texts, 0.7 helped both; on TREC fine
+# 0.7 beat 0.8.
+SMOOTH_ALPHA = 0.7
+
 
 def session_with_outputs(model_path: Path, names: list[str]) -> Any:
     """An unoptimised session whose outputs include the named tensors (all float)."""
@@ -48,7 +53,7 @@ def activation_absmax(model_path: Path, names: list[str], feeds: list[dict[str, 
     return out
 
 
-def smooth_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], alpha: float = 0.5) -> list[str]:
+def smooth_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], alpha: float = SMOOTH_ALPHA) -> list[str]:
     """Write dst: src with the inputs of its weight MatMuls smoothed. Returns the smoothed activation names."""
     import onnx
     from onnx import numpy_helper
