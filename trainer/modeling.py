@@ -107,13 +107,50 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, labels: list[str],
         use_dora=lora_cfg.use_dora,
         use_rslora=lora_cfg.use_rslora,
     )
+    last_layer = "cls" if model_cfg.last_layer == "auto" and cls_only_last_layer(base) else "full"
     model = get_peft_model(base, peft_cfg)
+    model.loraship_last_layer = last_layer  # what ran, for summary.json
     if lora_cfg.init_std > 0:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0.0, lora_cfg.init_std)
     return model
+
+
+def cls_only_last_layer(model: nn.Module) -> bool:
+    """Make the last encoder layer compute its output for the first token only, where that is all the
+    classifier reads (BertForSequenceClassification's pooler takes token 0). Keys and values still cover every
+    token, so token 0's output is exactly the full layer's: the same logits and gradients for ~10/12 less of
+    that layer's work (its query, attention output and feed-forward run on 1 row instead of T). The layer
+    instance's forward is replaced, not the module, so parameter names (the adapter's keys) do not change.
+    Returns False, changing nothing, where the model is not one whose layout this knows."""
+    from transformers import BertForSequenceClassification
+
+    config = model.config
+    if (type(model) is not BertForSequenceClassification or config._attn_implementation != "sdpa" or config.is_decoder
+            or getattr(config, "position_embedding_type", "absolute") != "absolute" or config.chunk_size_feed_forward):
+        return False
+    layer = model.bert.encoder.layer[-1]
+    attention = layer.attention.self
+
+    def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
+        batch = hidden_states.shape[0]
+        first = hidden_states[:, :1]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, attention.num_attention_heads, attention.attention_head_size).transpose(1, 2)
+
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1:
+            attention_mask = attention_mask[:, :, :1]  # the SDPA mask is [batch, 1, query, key]: token 0's row
+        context = torch.nn.functional.scaled_dot_product_attention(
+            heads(attention.query(first)), heads(attention.key(hidden_states)), heads(attention.value(hidden_states)),
+            attn_mask=attention_mask, dropout_p=attention.dropout_prob if attention.training else 0.0)
+        attended = layer.attention.output(context.transpose(1, 2).reshape(batch, 1, attention.all_head_size), first)
+        return (layer.output(layer.intermediate(attended), attended),)
+
+    layer.forward = forward
+    return True
 
 
 def trainable_summary(model: nn.Module) -> str:

@@ -748,6 +748,7 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
         "samples_per_second": (state.samples - start_samples) / train_seconds if train_seconds > 0 else None,
         "tokens_per_second": (state.tokens - start_tokens) / train_seconds if train_seconds > 0 else None,
         "mixed_precision": run.mixed_precision,
+        "last_layer": acc.unwrap_model(run.model).loraship_last_layer,  # "cls": first token only (model.last_layer)
         "num_processes": acc.num_processes,
         "data": run.data_report,
         "labels": run.labels,
@@ -755,7 +756,8 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
     }
     if summary["tokens_per_second"]:
         mean_length = (state.tokens - start_tokens) / max(state.samples - start_samples, 1)
-        summary["mfu"] = mfu.report(acc, run.model, run.mixed_precision, summary["tokens_per_second"], mean_length)
+        summary["mfu"] = mfu.report(acc, run.model, run.mixed_precision, summary["tokens_per_second"], mean_length,
+                                    summary["last_layer"] == "cls")
     if "test" in run.eval_loaders:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
