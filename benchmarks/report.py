@@ -77,7 +77,7 @@ def results() -> str:
             else:
                 out.append(f"| {r['name']} | {r['rows_per_second']:.0f} | {r['accuracy']:.4f} | {r['size_mb']:.1f} MB |")
         out += ["", f"Command: `{qz['command']}`.", ""]
-    out += int8_candidates(machines) + int8_profile(machines) + recipe_table(machines)
+    out += train_step(machines) + int8_candidates(machines) + int8_profile(machines) + recipe_table(machines)
     h = _load("serve_http")
     if h:
         machines.add((h["machine"]["cpu"], h["machine"]["cores"]))
@@ -151,6 +151,22 @@ def _measured(name: str, machines: set[tuple[str, int]]) -> dict[str, Any] | Non
     if r:
         machines.add((r["machine"]["cpu"], r["machine"]["cores"]))
     return r
+
+
+def train_step(machines: set[tuple[str, int]]) -> list[str]:
+    r = _measured("train_step", machines)
+    if not r:
+        return []
+    m = r["machine"]
+    first = r["rows"][0]["variant"]
+    out = [f"### Training-step options (median of {r['reps']} runs of {r['steps']} steps; {m['cpu']}, {m['cores']} cores, "
+           f"flags: {', '.join(m.get('flags', [])) or 'n/a'})", "",
+           "The default model and batches, one option changed per row (`benchmarks/train_step.py` says what each does).", "",
+           f"| variant | samples/s | x {first} | compile s |", "|---|---|---|---|"]
+    for row in r["rows"]:
+        compiled = f"{row['compile_seconds']:.0f}" if row.get("compile_seconds") is not None else "-"
+        out.append(f"| {row['variant']} | {row['samples_per_second']:.1f} | {row['x_first']:.2f} | {compiled} |")
+    return [*out, "", f"Command: `{r['command']}`.", ""]
 
 
 def int8_candidates(machines: set[tuple[str, int]]) -> list[str]:

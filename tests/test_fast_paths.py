@@ -70,3 +70,42 @@ def test_step_flops_count_the_first_token_only_last_layer(tiny_bert: Path) -> No
     # in full; attention's products for 1 query instead of 10.
     per_token = 4 * (2 * 32 * 32 + 2 * 32 * 64) + 6 * 4 * (2 * (32 + 32) + 2 * (32 + 64))
     assert full - cls == pytest.approx(per_token * (1 - 1 / 10) + 12 * 32 * (10 - 1))
+
+
+def test_frozen_weights_stored_in_bf16_give_the_autocast_results(tiny_bert: Path) -> None:
+    import torch
+
+    from trainer.modeling import build_model, store_frozen_linear_weights
+
+    def logits_and_grads(store: bool) -> tuple:
+        model = build_model(ModelConfig(name_or_path=str(tiny_bert)), LoraConfig(init_std=0.05), ["a", "b", "c", "d"], seed=3)
+        if store:
+            assert store_frozen_linear_weights(model, torch.bfloat16) > 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**_batch())
+        out.loss.backward()
+        return model, out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    model, logits, grads = logits_and_grads(True)
+    _, cast_logits, cast_grads = logits_and_grads(False)
+    # autocast rounds fp32 weights to bf16 for every linear layer anyway: storing them rounded changes no result
+    assert torch.equal(logits, cast_logits)
+    assert all(torch.equal(g, cast_grads[n]) for n, g in grads.items())
+    dtypes = {(p.requires_grad, p.dtype) for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}  # LoRA and head stay fp32 masters
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "LayerNorm" in n or "embeddings" in n)
+
+
+def test_a_bf16_run_stores_the_frozen_weights_in_bf16(tiny_bert: Path, toy_data: Path, tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import tiny_args
+    from trainer.train import main
+
+    run = tmp_path / "run"
+    assert main(tiny_args(tiny_bert, toy_data, run, "train.mixed_precision=bf16", "train.max_steps=3", "data.test=test.jsonl")) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["frozen_weights_dtype"] == "bfloat16" and summary["test_accuracy"] is not None
+    run = tmp_path / "run32"
+    assert main(tiny_args(tiny_bert, toy_data, run, "train.mixed_precision=no", "train.max_steps=1")) == 0
+    assert json.loads((run / "summary.json").read_text())["frozen_weights_dtype"] == "float32"

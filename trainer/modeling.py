@@ -153,6 +153,25 @@ def cls_only_last_layer(model: nn.Module) -> bool:
     return True
 
 
+def store_frozen_linear_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Keep the frozen linear layers' weights and biases in `dtype` (bf16 under bf16 autocast): autocast
+    rounds them to bf16 for every product anyway, so storing them rounded changes no result and saves
+    the cast at every step (and half their memory). Trainable weights (LoRA, head) stay fp32 masters;
+    LayerNorm and embeddings are not linear layers and stay as they are. Returns the layers converted."""
+    converted = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+            module.to(dtype)
+            converted += 1
+    return converted
+
+
+def frozen_linear_dtype(model: nn.Module) -> str:
+    """The storage dtype of the frozen linear weights ('float32', or 'bfloat16' after store_frozen_linear_weights)."""
+    dtypes = {m.weight.dtype for m in model.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad}
+    return ",".join(sorted(str(d).removeprefix("torch.") for d in dtypes)) or "none"
+
+
 def trainable_summary(model: nn.Module) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

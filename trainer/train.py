@@ -59,7 +59,9 @@ from trainer.data_cache import TokenizedSplit, default_cache_root, load_or_build
 from trainer.modeling import (
     build_model,
     classification_metrics,
+    frozen_linear_dtype,
     resolve_model_path,
+    store_frozen_linear_weights,
     trainable_summary,
     write_adapter_meta,
 )
@@ -444,6 +446,8 @@ def build_training(run: Run) -> None:
     """Model with LoRA, AdamW (no decay on biases/LayerNorm), warmup + decay schedule, prepared loaders."""
     cfg, accelerator = run.cfg, run.accelerator
     model = build_model(cfg.model, cfg.lora, run.labels, cfg.train.seed)
+    if run.mixed_precision == "bf16":
+        store_frozen_linear_weights(model, torch.bfloat16)
     accelerator.print(trainable_summary(model))
     # DistilBERT-like models take no token_type_ids even when the tokenizer makes them.
     takes_token_types = "token_type_ids" in inspect.signature(model.get_base_model().forward).parameters
@@ -749,6 +753,7 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
         "tokens_per_second": (state.tokens - start_tokens) / train_seconds if train_seconds > 0 else None,
         "mixed_precision": run.mixed_precision,
         "last_layer": acc.unwrap_model(run.model).loraship_last_layer,  # "cls": first token only (model.last_layer)
+        "frozen_weights_dtype": frozen_linear_dtype(run.model),  # bfloat16 in bf16 runs (no cast per step)
         "num_processes": acc.num_processes,
         "data": run.data_report,
         "labels": run.labels,
