@@ -76,6 +76,8 @@ def main() -> int:
                 r = rows[-1]
                 print(f"{task} {setting}: " + (f"val {r['validation_accuracy']:.4f} test {r['test_accuracy']:.4f} "
                       f"macro F1 {r['test_f1_macro']:.4f} in {r['train_seconds']:.0f}s" if "error" not in r else "failed"), flush=True)
+                # rows in table order: tasks, then settings, as listed above (appended runs included)
+                rows.sort(key=lambda r: (list(TASKS).index(r["task"]), list(SETTINGS).index(r["setting"])))
                 save("recipe", {"benchmark": "recipe", "machine": machine(), "rows": rows, "command": command})
     return 0
 

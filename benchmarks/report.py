@@ -166,7 +166,11 @@ def train_step(machines: set[tuple[str, int]]) -> list[str]:
     for row in r["rows"]:
         compiled = f"{row['compile_seconds']:.0f}" if row.get("compile_seconds") is not None else "-"
         out.append(f"| {row['variant']} | {row['samples_per_second']:.1f} | {row['x_first']:.2f} | {compiled} |")
-    return [*out, "", f"Command: `{r['command']}`.", ""]
+    reasons: dict[str, list[str]] = {}
+    for name, why in r.get("skipped", {}).items():
+        reasons.setdefault(why, []).append(name)
+    skipped = [f"Not measured ({why}): {', '.join(names)}." for why, names in reasons.items()]
+    return [*out, "", *skipped, *([""] if skipped else []), f"Command: `{r['command']}`.", ""]
 
 
 def int8_candidates(machines: set[tuple[str, int]]) -> list[str]:
