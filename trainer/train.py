@@ -446,7 +446,8 @@ def build_training(run: Run) -> None:
     """Model with LoRA, AdamW (no decay on biases/LayerNorm), warmup + decay schedule, prepared loaders."""
     cfg, accelerator = run.cfg, run.accelerator
     model = build_model(cfg.model, cfg.lora, run.labels, cfg.train.seed)
-    if run.mixed_precision == "bf16":
+    # Not with DoRA: it reads the full-precision base weights outside the autocast products (its norms).
+    if run.mixed_precision == "bf16" and not cfg.lora.use_dora:
         store_frozen_linear_weights(model, torch.bfloat16)
     accelerator.print(trainable_summary(model))
     # DistilBERT-like models take no token_type_ids even when the tokenizer makes them.
