@@ -13,8 +13,9 @@ reported apart, as compile_seconds: a run pays it once, plus again for each new 
   attention keeps SDPA)
 - fused_adamw: AdamW(fused=True)
 - compile: torch.compile(model, dynamic=True) (inductor)
-- bf16_autocast: bf16 autocast, fp32 weights cast at every step (train.mixed_precision=bf16)
-- bf16_frozen_weights: bf16 autocast with the frozen base weights stored in bf16 (no cast)
+- bf16_autocast: bf16 autocast, fp32 weights cast at every step (the trainer before this option)
+- bf16_frozen_weights: bf16 autocast with the frozen base weights stored in bf16 (no cast), what a bf16
+  training run does (train.mixed_precision=bf16)
 Saves benchmarks/results/train_step.json.
 """
 
@@ -57,7 +58,7 @@ def worker(variant: str, steps: int, train_file: Path) -> None:
     from transformers import AutoTokenizer
 
     from trainer.config import load_config
-    from trainer.modeling import build_model, resolve_model_path
+    from trainer.modeling import build_model, resolve_model_path, store_frozen_linear_weights
     from trainer.train import param_groups
 
     cfg = load_config(REPO / "configs" / "agnews_minilm.yaml", ["model.last_layer=full"] if variant == "last_layer_full" else [])
@@ -67,9 +68,7 @@ def worker(variant: str, steps: int, train_file: Path) -> None:
         for layer in model.get_base_model().bert.encoder.layer:
             layer.attention.self.forward = type(layer.attention.self).__mro__[1].forward.__get__(layer.attention.self)
     if variant == "bf16_frozen_weights":
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
-                module.to(torch.bfloat16)
+        store_frozen_linear_weights(model, torch.bfloat16)  # what a bf16 training run does
     data = batches(train_file, steps, AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path)))
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train, 1.0), lr=cfg.train.lr, fused=variant == "fused_adamw")
     forward = torch.compile(model, dynamic=True) if variant == "compile" else model
