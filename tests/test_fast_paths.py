@@ -63,8 +63,9 @@ def test_step_flops_count_the_first_token_only_last_layer(tiny_bert: Path) -> No
     from trainer.mfu import step_flops_per_token
     from trainer.modeling import build_model
 
-    model = build_model(ModelConfig(name_or_path=str(tiny_bert)), LoraConfig(r=4), ["a", "b"], seed=0)
-    full, cls = step_flops_per_token(model, 10.0), step_flops_per_token(model, 10.0, cls_only_last_layer=True)
+    cls_model, full_model = (build_model(ModelConfig(name_or_path=str(tiny_bert), last_layer=last), LoraConfig(r=4), ["a", "b"], seed=0)
+                             for last in ("auto", "full"))
+    full, cls = step_flops_per_token(full_model, 10.0), step_flops_per_token(cls_model, 10.0)
     # Tiny BERT, width 32, feed-forward 64, 2 layers, LoRA r=4 on every linear: the last layer's query,
     # attention output and feed-forward weights (and their LoRA) count once per 10 tokens; keys and values
     # in full; attention's products for 1 query instead of 10.

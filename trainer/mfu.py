@@ -14,9 +14,11 @@ from typing import Any
 import torch
 
 
-def step_flops_per_token(model: torch.nn.Module, mean_length: float, cls_only_last_layer: bool = False) -> float:
-    """Model FLOPs of one training step per real token (forward + backward). With `cls_only_last_layer`
-    (trainer/modeling.py), the last layer's work apart from its keys and values is done once per text."""
+def step_flops_per_token(model: torch.nn.Module, mean_length: float) -> float:
+    """Model FLOPs of one training step per real token (forward + backward). Where the model runs its last
+    layer for the first token only (trainer/modeling.py sets loraship_last_layer = "cls"), that layer's work
+    apart from its keys and values is done once per text."""
+    cls_only_last_layer = getattr(model, "loraship_last_layer", "full") == "cls"
     config = getattr(model, "config", None)
     layers = getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layers", 0)
     width = getattr(config, "hidden_size", 0) or getattr(config, "dim", 0)
@@ -61,8 +63,7 @@ def peak_gemm_flops(dtype: torch.dtype, device: torch.device, max_n: int = 2048,
     return 2 * n**3 / min(timed(a, b) for _ in range(reps))
 
 
-def report(accelerator: Any, model: torch.nn.Module, mixed_precision: str, tokens_per_second: float, mean_length: float,
-           cls_only_last_layer: bool = False) -> dict[str, Any]:
+def report(accelerator: Any, model: torch.nn.Module, mixed_precision: str, tokens_per_second: float, mean_length: float) -> dict[str, Any]:
     """MFU of the run. Every process measures its peak at the same time and the peaks add up, so processes
     that share a CPU's cores are not each credited with the whole CPU."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
@@ -70,7 +71,7 @@ def report(accelerator: Any, model: torch.nn.Module, mixed_precision: str, token
     peak = torch.tensor([peak_gemm_flops(dtype, accelerator.device)], device=accelerator.device)
     if accelerator.num_processes > 1:
         peak = accelerator.reduce(peak, reduction="sum")
-    per_token = step_flops_per_token(accelerator.unwrap_model(model), mean_length, cls_only_last_layer)
+    per_token = step_flops_per_token(accelerator.unwrap_model(model), mean_length)
     achieved = per_token * tokens_per_second
     return {"dtype": str(dtype).removeprefix("torch."), "flops_per_token": round(per_token), "achieved_gflops": round(achieved / 1e9, 4),
             "peak_gemm_gflops": round(float(peak[0]) / 1e9, 2), "mfu": round(achieved / float(peak[0]), 6)}

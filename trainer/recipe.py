@@ -8,6 +8,7 @@
 - `budget_steps`: `train.time_budget_minutes`. The most optimizer steps that fit the budget, given the
   measured seconds per step, per evaluation and per checkpoint, and where evaluations and checkpoints fall.
 - `class_weights`: `train.class_weights: auto`, inverse label frequency, capped.
+- `head_lr_scale`: `train.head_lr_scale: auto`, the head at 5x the LoRA rate with more than 10 labels.
 - `lr_factor`: the warmup + decay schedule as a function of the *current* total, so a total fixed by the
   budget after the first steps reshapes the schedule to end where the run ends.
 """

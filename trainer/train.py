@@ -762,8 +762,7 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
     }
     if summary["tokens_per_second"]:
         mean_length = (state.tokens - start_tokens) / max(state.samples - start_samples, 1)
-        summary["mfu"] = mfu.report(acc, run.model, run.mixed_precision, summary["tokens_per_second"], mean_length,
-                                    summary["last_layer"] == "cls")
+        summary["mfu"] = mfu.report(acc, run.model, run.mixed_precision, summary["tokens_per_second"], mean_length)
     if "test" in run.eval_loaders:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
