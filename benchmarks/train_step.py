@@ -7,12 +7,10 @@ base dropout off) on the same AG News batches (32 rows, length-grouped like the 
 with the trainer's own model builder and AdamW parameter groups, in its own process; reps are interleaved and
 each figure is the median. Timed: --steps steps after 3 warm-up steps (a compiled variant's compile time is
 reported apart, as compile_seconds: a run pays it once, plus again for each new shape it meets).
-- default: the trainer's step (SDPA attention, query/key/value in one product, last layer for the first
-  token only, foreach AdamW, fp32)
+- default: the trainer's step (SDPA attention, last layer for the first token only, foreach AdamW, fp32)
 - last_layer_full: every token through the last layer (model.last_layer=full)
-- separate_qkv: one product per query/key/value projection (model.fused_qkv=off)
-- eager_attention: attention as explicit matmul + softmax instead of SDPA, projections separate (the last
-  layer's first-token attention keeps SDPA)
+- eager_attention: attention as explicit matmul + softmax instead of SDPA (the last layer's first-token
+  attention keeps SDPA)
 - fused_adamw: AdamW(fused=True)
 - compile: torch.compile(model, dynamic=True) (inductor)
 - bf16_autocast: bf16 autocast, fp32 weights cast at every step (the trainer before this option)
@@ -34,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, data_dir, machine, median, run, save, table
 
-VARIANTS = ["default", "last_layer_full", "separate_qkv", "eager_attention", "fused_adamw", "compile", "bf16_autocast", "bf16_frozen_weights"]
+VARIANTS = ["default", "last_layer_full", "eager_attention", "fused_adamw", "compile", "bf16_autocast", "bf16_frozen_weights"]
 BATCH = 32
 
 
@@ -63,8 +61,7 @@ def worker(variant: str, steps: int, train_file: Path) -> None:
     from trainer.modeling import build_model, resolve_model_path, store_frozen_linear_weights
     from trainer.train import param_groups
 
-    overrides = {"last_layer_full": ["model.last_layer=full"], "separate_qkv": ["model.fused_qkv=off"]}
-    cfg = load_config(REPO / "configs" / "agnews_minilm.yaml", overrides.get(variant, []))
+    cfg = load_config(REPO / "configs" / "agnews_minilm.yaml", ["model.last_layer=full"] if variant == "last_layer_full" else [])
     model = build_model(cfg.model, cfg.lora, ["World", "Sports", "Business", "Sci/Tech"], cfg.train.seed)
     if variant == "eager_attention":
         # BertSelfAttention.forward is the explicit path; the SDPA mask [batch, 1, T, T] broadcasts there too.

@@ -21,14 +21,13 @@ def _batch() -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 3, 1])}
 
 
-def _logits_and_grads(model_dir: Path, last_layer: str, train: bool, fused_qkv: str = "off",
-                      lora: LoraConfig | None = None, **forward: bool) -> tuple:
+def _logits_and_grads(model_dir: Path, last_layer: str, train: bool) -> tuple:
     from trainer.modeling import build_model
 
-    model = build_model(ModelConfig(name_or_path=str(model_dir), last_layer=last_layer, fused_qkv=fused_qkv),  # type: ignore[arg-type]
-                        lora or LoraConfig(init_std=0.05), ["a", "b", "c", "d"], seed=3)
+    model = build_model(ModelConfig(name_or_path=str(model_dir), last_layer=last_layer),
+                        LoraConfig(init_std=0.05), ["a", "b", "c", "d"], seed=3)
     model.train(train)
-    out = model(**_batch(), **forward)
+    out = model(**_batch())
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return model, out.logits.detach(), grads
@@ -58,79 +57,6 @@ def test_cls_only_last_layer_falls_back_on_other_architectures(tiny_distilbert: 
 
     model = build_model(ModelConfig(name_or_path=str(tiny_distilbert)), LoraConfig(), ["a", "b"], seed=0)
     assert model.loraship_last_layer == "full"
-
-
-def _count_calls(module: object) -> list[int]:
-    calls = [0]
-    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))  # type: ignore[attr-defined]
-    return calls
-
-
-LORAS = {
-    "all-linear": LoraConfig(init_std=0.05),
-    "query-value, dropout": LoraConfig(r=4, target_modules=["query", "value"], dropout=0.1, init_std=0.05),
-    "dora": LoraConfig(init_std=0.05, use_dora=True),
-}
-
-
-@pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("lora", LORAS)
-@pytest.mark.parametrize("last_layer", ["auto", "full"])
-def test_fused_qkv_gives_the_same_logits_and_gradients(tiny_bert: Path, train: bool, lora: str, last_layer: str) -> None:
-    import torch
-
-    model, logits, grads = _logits_and_grads(tiny_bert, last_layer, train, "auto", LORAS[lora])
-    _, off_logits, off_grads = _logits_and_grads(tiny_bert, last_layer, train, "off", LORAS[lora])
-    assert torch.allclose(logits, off_logits, atol=1e-5), (logits - off_logits).abs().max()
-    assert grads.keys() == off_grads.keys() and len(grads) > 5
-    for name, g in grads.items():
-        assert torch.allclose(g, off_grads[name], atol=1e-5, rtol=1e-4), name
-    # One product for the three projections: the base query layers are never called on their own (DoRA
-    # rescales each base output by its own norm, so it keeps the per-projection forward).
-    attention = model.get_base_model().bert.encoder.layer[0].attention.self
-    calls = _count_calls(attention.query.base_layer)
-    model(**_batch())
-    assert calls == [1 if lora == "dora" else 0]
-    assert model.loraship_fused_qkv is True
-
-
-def test_fused_qkv_follows_changed_base_weights(tiny_bert: Path) -> None:
-    """The concatenated weights are cached: a weight changed in place (a loaded checkpoint) or stored in
-    another dtype must not leave a stale copy behind."""
-    import torch
-
-    from trainer.modeling import build_model, store_frozen_linear_weights
-
-    models = [build_model(ModelConfig(name_or_path=str(tiny_bert), fused_qkv=f), LoraConfig(init_std=0.05), ["a", "b"], seed=3)  # type: ignore[arg-type]
-              for f in ("auto", "off")]
-    batch = {k: v for k, v in _batch().items() if k != "labels"}
-    for model in models:
-        model.eval()
-        model(**batch)  # fills the cache
-        with torch.no_grad():
-            model.get_base_model().bert.encoder.layer[1].attention.self.key.base_layer.weight.mul_(3.0)
-    fused, off = (m(**batch).logits for m in models)
-    assert torch.allclose(fused, off, atol=1e-5)
-    for model in models:
-        store_frozen_linear_weights(model, torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused, off = (m(**batch).logits for m in models)
-    assert torch.equal(fused, off)
-    cache = models[0].get_base_model().bert.encoder.layer[0].attention.self._loraship_fused_cache
-    assert {w.dtype for _, w, _ in cache.values()} == {torch.bfloat16}
-
-
-def test_fused_qkv_falls_back_where_the_stock_forward_is_needed(tiny_bert: Path, tiny_distilbert: Path) -> None:
-    import torch
-
-    from trainer.modeling import build_model
-
-    # Attention weights asked for: the stock forward (eager attention) runs and returns them.
-    _, logits, _ = _logits_and_grads(tiny_bert, "full", False, "auto", output_attentions=True)
-    _, off_logits, _ = _logits_and_grads(tiny_bert, "full", False, "off")
-    assert torch.allclose(logits, off_logits, atol=1e-5)
-    model = build_model(ModelConfig(name_or_path=str(tiny_distilbert)), LoraConfig(), ["a", "b"], seed=0)
-    assert model.loraship_fused_qkv is False
 
 
 def test_step_flops_count_the_first_token_only_last_layer(tiny_bert: Path) -> None:
@@ -181,7 +107,6 @@ def test_a_bf16_run_stores_the_frozen_weights_in_bf16(tiny_bert: Path, toy_data:
     assert main(tiny_args(tiny_bert, toy_data, run, "train.mixed_precision=bf16", "train.max_steps=3", "data.test=test.jsonl")) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["frozen_weights_dtype"] == "bfloat16" and summary["test_accuracy"] is not None
-    assert summary["fused_qkv"] is True and summary["last_layer"] == "cls"
     run = tmp_path / "run32"
     assert main(tiny_args(tiny_bert, toy_data, run, "train.mixed_precision=no", "train.max_steps=1")) == 0
     assert json.loads((run / "summary.json").read_text())["frozen_weights_dtype"] == "float32"

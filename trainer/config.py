@@ -55,14 +55,6 @@ class ModelConfig:
             "with SDPA attention only, others run 'full'. The exported model is the standard one either way."
         },
     )
-    fused_qkv: Literal["auto", "off"] = field(
-        default="auto",
-        metadata={
-            "doc": "'auto': in training, each attention's query, key and value projections run as one matrix product "
-            "(same results up to float rounding, fewer and larger GEMMs); BERT-family models with SDPA attention "
-            "only. 'off': one product per projection."
-        },
-    )
 
 
 @dataclass

@@ -108,26 +108,14 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, labels: list[str],
         use_rslora=lora_cfg.use_rslora,
     )
     last_layer = "cls" if model_cfg.last_layer == "auto" and cls_only_last_layer(base) else "full"
-    fused = model_cfg.fused_qkv == "auto" and fuse_qkv_projections(base)
     model = get_peft_model(base, peft_cfg)
     model.loraship_last_layer = last_layer  # what ran, for summary.json
-    model.loraship_fused_qkv = fused
     if lora_cfg.init_std > 0:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0.0, lora_cfg.init_std)
     return model
-
-
-def _sdpa_bert(model: nn.Module) -> bool:
-    """A BertForSequenceClassification encoder with SDPA attention and absolute positions: the layout the
-    training shortcuts below know. Anything else runs the stock forward."""
-    from transformers import BertForSequenceClassification
-
-    config = model.config
-    return not (type(model) is not BertForSequenceClassification or config._attn_implementation != "sdpa" or config.is_decoder
-                or getattr(config, "position_embedding_type", "absolute") != "absolute" or config.chunk_size_feed_forward)
 
 
 def cls_only_last_layer(model: nn.Module) -> bool:
@@ -137,122 +125,32 @@ def cls_only_last_layer(model: nn.Module) -> bool:
     that layer's work (its query, attention output and feed-forward run on 1 row instead of T). The layer
     instance's forward is replaced, not the module, so parameter names (the adapter's keys) do not change.
     Returns False, changing nothing, where the model is not one whose layout this knows."""
-    if not _sdpa_bert(model):
+    from transformers import BertForSequenceClassification
+
+    config = model.config
+    if (type(model) is not BertForSequenceClassification or config._attn_implementation != "sdpa" or config.is_decoder
+            or getattr(config, "position_embedding_type", "absolute") != "absolute" or config.chunk_size_feed_forward):
         return False
     layer = model.bert.encoder.layer[-1]
     attention = layer.attention.self
 
     def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
+        batch = hidden_states.shape[0]
         first = hidden_states[:, :1]
-        key, value = project(attention, hidden_states, ("key", "value"))
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, attention.num_attention_heads, attention.attention_head_size).transpose(1, 2)
+
         if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1:
             attention_mask = attention_mask[:, :, :1]  # the SDPA mask is [batch, 1, query, key]: token 0's row
-        context = _attend(attention, attention.query(first), key, value, attention_mask)
-        attended = layer.attention.output(context, first)
+        context = torch.nn.functional.scaled_dot_product_attention(
+            heads(attention.query(first)), heads(attention.key(hidden_states)), heads(attention.value(hidden_states)),
+            attn_mask=attention_mask, dropout_p=attention.dropout_prob if attention.training else 0.0)
+        attended = layer.attention.output(context.transpose(1, 2).reshape(batch, 1, attention.all_head_size), first)
         return (layer.output(layer.intermediate(attended), attended),)
 
     layer.forward = forward
     return True
-
-
-def fuse_qkv_projections(model: nn.Module) -> bool:
-    """Run each self-attention's query, key and value projections as one matrix product over the
-    concatenated frozen weights (LoRA updates are added per projection, as peft does). On CPU three
-    [tokens, 384] x [384, 384] products run at ~2/3 of the GEMM peak and one [tokens, 384] x [384, 1152] near
-    it, forward and backward. The self-attention instances' forwards are replaced (parameter names unchanged);
-    a call the shortcut does not cover (head mask, attention weights out, a cache) runs the stock forward.
-    Returns False, changing nothing, where the model is not one whose layout this knows."""
-    if not _sdpa_bert(model):
-        return False
-    for layer in model.bert.encoder.layer:
-        attention = layer.attention.self
-        attention.loraship_fused = True
-        stock = attention.forward
-
-        def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, head_mask: Any = None,
-                    encoder_hidden_states: Any = None, past_key_values: Any = None, output_attentions: bool = False,
-                    *args: Any, _attention: nn.Module = attention, _stock: Any = stock, **kwargs: Any) -> tuple[torch.Tensor, None]:
-            if head_mask is not None or encoder_hidden_states is not None or past_key_values is not None or output_attentions:
-                return _stock(hidden_states, attention_mask, head_mask, encoder_hidden_states, past_key_values,
-                              output_attentions, *args, **kwargs)
-            query, key, value = project(_attention, hidden_states, ("query", "key", "value"))
-            return _attend(_attention, query, key, value, attention_mask), None
-
-        attention.forward = forward
-    return True
-
-
-def _attend(attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """BertSdpaSelfAttention's attention on projected [batch, length, width] inputs (encoder: not causal)."""
-    batch = query.shape[0]
-
-    def heads(x: torch.Tensor) -> torch.Tensor:
-        return x.view(batch, -1, attention.num_attention_heads, attention.attention_head_size).transpose(1, 2)
-
-    context = torch.nn.functional.scaled_dot_product_attention(
-        heads(query), heads(key), heads(value), attn_mask=attention_mask,
-        dropout_p=attention.dropout_prob if attention.training else 0.0)
-    return context.transpose(1, 2).reshape(batch, -1, attention.all_head_size)
-
-
-def project(attention: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
-    """The named projections of `x`, with one product for their frozen base weights when
-    fuse_qkv_projections enabled it and each is a frozen Linear or a plain (unmerged, no DoRA) LoRA Linear;
-    otherwise each module's own forward."""
-    modules = [getattr(attention, n) for n in names]
-    bases = [_frozen_base(m) for m in modules]
-    if not getattr(attention, "loraship_fused", False) or any(b is None for b in bases):
-        return [m(x) for m in modules]
-    weight, bias = _fused_weight(attention, names, bases)  # type: ignore[arg-type]
-    parts = torch.nn.functional.linear(x, weight, bias).split([b.out_features for b in bases], dim=-1)  # type: ignore[union-attr]
-    return [_add_lora(m, x, part) for m, part in zip(modules, parts, strict=True)]
-
-
-def _frozen_base(module: nn.Module) -> nn.Linear | None:
-    """The frozen nn.Linear under `module` when its forward is that product plus plain LoRA updates, else None."""
-    from peft.tuners.lora import LoraLayer
-
-    base = module
-    if isinstance(module, LoraLayer):
-        if module.merged or module.disable_adapters or any(a in module.lora_variant for a in module.active_adapters):
-            return None
-        base = module.base_layer
-    if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return None
-    return base
-
-
-def _fused_weight(attention: nn.Module, names: tuple[str, ...], bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The concatenated weights and biases, cached on the module until a weight changes (storage, version,
-    dtype or device: a resumed checkpoint, bf16 storage, a move to GPU)."""
-    tensors = [t for b in bases for t in (b.weight, b.bias) if t is not None]
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
-    cache = attention.__dict__.setdefault("_loraship_fused_cache", {})
-    if names not in cache or cache[names][0] != key:
-        with torch.no_grad():
-            weight = torch.cat([b.weight for b in bases])
-            bias = None
-            if any(b.bias is not None for b in bases):
-                bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
-        cache[names] = (key, weight, bias)
-    return cache[names][1], cache[names][2]
-
-
-def _add_lora(module: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """peft's vanilla LoRA forward after the base product: result + B(A(dropout(x))) * scaling per active adapter."""
-    from peft.tuners.lora import LoraLayer
-
-    if not isinstance(module, LoraLayer):
-        return result
-    dtype = result.dtype
-    for adapter in module.active_adapters:
-        if adapter not in module.lora_A:
-            continue
-        lora_a = module.lora_A[adapter]
-        x = module._cast_input_dtype(x, lora_a.weight.dtype)
-        result = result + module.lora_B[adapter](lora_a(module.lora_dropout[adapter](x))) * module.scaling[adapter]
-    return result.to(dtype)
 
 
 def store_frozen_linear_weights(model: nn.Module, dtype: torch.dtype) -> int:

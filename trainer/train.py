@@ -754,7 +754,6 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
         "tokens_per_second": (state.tokens - start_tokens) / train_seconds if train_seconds > 0 else None,
         "mixed_precision": run.mixed_precision,
         "last_layer": acc.unwrap_model(run.model).loraship_last_layer,  # "cls": first token only (model.last_layer)
-        "fused_qkv": acc.unwrap_model(run.model).loraship_fused_qkv,  # one product for query/key/value (model.fused_qkv)
         "frozen_weights_dtype": frozen_linear_dtype(run.model),  # bfloat16 in bf16 runs (no cast per step)
         "num_processes": acc.num_processes,
         "data": run.data_report,
