@@ -36,16 +36,11 @@ from common import REPO, data_dir, machine, median, save, table
 
 def throughput(onnx_dir: Path, variant: str, texts: list[str], truth: list[str]) -> tuple[float, float]:
     """Rows/s and accuracy through serve_cli's own batching (length-sorted windows, batch 32)."""
-    from serve_cli.__main__ import DEFAULT_BATCH_SIZE, predict_in_order
-    from serve_cli.io import Row
     from serve_cli.runtime import OnnxClassifier
 
     clf = OnnxClassifier(onnx_dir, variant=variant)
-    t0 = time.perf_counter()
-    rows = (Row(i, i, t) for i, t in enumerate(texts))
-    pred = [clf.labels[int(p.argmax())] for _, p in predict_in_order(clf, rows, DEFAULT_BATCH_SIZE)]
-    seconds = time.perf_counter() - t0
-    return len(texts) / seconds, sum(a == b for a, b in zip(pred, truth, strict=True)) / len(texts)
+    rows_per_second, pred = timed_argmax(clf, texts)
+    return rows_per_second, sum(clf.labels[p] == t for p, t in zip(pred, truth, strict=True)) / len(texts)
 
 
 def random_batches(clf: object, texts: list[str], seed: int = 0, batch: int = 32) -> np.ndarray:
@@ -58,15 +53,15 @@ def random_batches(clf: object, texts: list[str], seed: int = 0, batch: int = 32
     return out
 
 
-def speed(clf: object, texts: list[str]) -> float:
-    """Rows/s of serve_cli's batching (length-sorted windows, batch 32) on an open session."""
+def timed_argmax(clf: object, texts: list[str]) -> tuple[float, list[int]]:
+    """Rows/s of serve_cli's batching (length-sorted windows, batch 32) on an open session, and the argmax per text."""
     from serve_cli.__main__ import DEFAULT_BATCH_SIZE, predict_in_order
     from serve_cli.io import Row
 
     t0 = time.perf_counter()
-    for _ in predict_in_order(clf, (Row(i, i, t) for i, t in enumerate(texts)), DEFAULT_BATCH_SIZE):  # type: ignore[arg-type]
-        pass
-    return len(texts) / (time.perf_counter() - t0)
+    rows = (Row(i, i, t) for i, t in enumerate(texts))
+    pred = [int(p.argmax()) for _, p in predict_in_order(clf, rows, DEFAULT_BATCH_SIZE)]  # type: ignore[arg-type]
+    return len(texts) / (time.perf_counter() - t0), pred
 
 
 def candidates_on_task(name: str, run: Path, data: Path, label_field: str, test_rows: int, reps: int, speed_rows: int) -> dict[str, object]:
@@ -106,7 +101,7 @@ def candidates_on_task(name: str, run: Path, data: Path, label_field: str, test_
         runs: dict[str, list[float]] = {k: [] for k in clfs}
         for _ in range(reps):
             for k, clf in clfs.items():
-                runs[k].append(speed(clf, test_texts[:speed_rows]))
+                runs[k].append(timed_argmax(clf, test_texts[:speed_rows])[0])
         for r in rows:
             r["rows_per_second"], r["runs"] = median(runs[r["name"]]), runs[r["name"]]
             r["x_fp32"] = r["rows_per_second"] / rows[0]["rows_per_second"]

@@ -56,16 +56,9 @@ def onnx_predict(onnx_dir: Path, variant: str, texts: list[str], threads: int) -
 def onnx_logits(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
     """Logits with serve_cli's batching (length-sorted batches of its default size), in input order."""
     from serve_cli.__main__ import DEFAULT_BATCH_SIZE
-    from serve_cli.runtime import OnnxClassifier
+    from serve_cli.runtime import OnnxClassifier, logits_sorted
 
-    clf = OnnxClassifier(onnx_dir, variant=variant, threads=threads or None)
-    encs = clf.encode(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(encs[i].ids))
-    out = np.zeros((len(texts), len(clf.labels)), dtype=np.float32)
-    for b in range(0, len(order), DEFAULT_BATCH_SIZE):
-        idx = order[b : b + DEFAULT_BATCH_SIZE]
-        out[idx] = clf.run([encs[i] for i in idx])
-    return out
+    return logits_sorted(OnnxClassifier(onnx_dir, variant=variant, threads=threads or None), texts, DEFAULT_BATCH_SIZE)
 
 
 def measure_file(onnx_dir: Path, data: tuple[list[str], np.ndarray], name: str, n_labels: int, threads: int,

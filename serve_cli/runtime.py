@@ -127,18 +127,23 @@ class OnnxClassifier:
 
 
 def predict_proba_sorted(clf: OnnxClassifier, texts: list[str], batch_size: int) -> np.ndarray:
-    """Probabilities in input order, computed in length-sorted batches (far less padding than file order).
+    """Probabilities in input order, computed in length-sorted batches (far less padding than file order)."""
+    return softmax(logits_sorted(clf, texts, batch_size))
+
+
+def logits_sorted(clf: OnnxClassifier, texts: list[str], batch_size: int) -> np.ndarray:
+    """Logits in input order, computed in length-sorted batches.
 
     A 1 MB line would cost seconds to tokenize only to be truncated: characters are capped well above what
     max_length tokens can span."""
     char_cap = clf.max_length * 64
     encs = clf.encode([t[:char_cap] for t in texts])
     order = sorted(range(len(encs)), key=lambda k: len(encs[k].ids))
-    probs = np.zeros((len(encs), len(clf.labels)), dtype=np.float32)
+    logits = np.zeros((len(encs), len(clf.labels)), dtype=np.float32)
     for b in range(0, len(order), batch_size):
         ks = order[b : b + batch_size]
-        probs[ks] = softmax(clf.run([encs[k] for k in ks]))
-    return probs
+        logits[ks] = clf.run([encs[k] for k in ks])
+    return logits
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
