@@ -77,7 +77,7 @@ def results() -> str:
             else:
                 out.append(f"| {r['name']} | {r['rows_per_second']:.0f} | {r['accuracy']:.4f} | {r['size_mb']:.1f} MB |")
         out += ["", f"Command: `{qz['command']}`.", ""]
-    out += train_step(machines) + int8_candidates(machines) + int8_profile(machines) + recipe_table(machines)
+    out += train_step(machines) + int8_candidates(machines) + int8_profile(machines) + recipe_table(machines) + pooling(machines)
     h = _load("serve_http")
     if h:
         machines.add((h["machine"]["cpu"], h["machine"]["cores"]))
@@ -227,6 +227,23 @@ def recipe_table(machines: set[tuple[str, int]]) -> list[str]:
             continue
         out.append(f"| {row['task']} | {row['setting']} | {row['validation_accuracy']:.4f} | {row['test_accuracy']:.4f} | "
                    f"{row['test_f1_macro']:.4f} | {row['epochs']} / {row['steps']} | {row['train_seconds'] / 60:.1f} min |")
+    return [*out, "", f"Command: `{r['command']}`.", ""]
+
+
+def pooling(machines: set[tuple[str, int]]) -> list[str]:
+    r = _measured("pooling", machines)
+    if not r:
+        return []
+    m = r["machine"]
+    first = r["rows"][0]
+    out = [f"### Pooling for the classifier, AG News ({m['cpu']}, {m['cores']} cores; {r['epochs']} epochs, single seed)", "",
+           "The trainer's defaults and the same batches and schedule; cls: the model's own head (pooler on the first token, what "
+           "loraship trains and exports), mean: the masked mean of the last layer's tokens into the classifier (how "
+           f"all-MiniLM-L6-v2 was trained). Validation: {first['validation_rows']:,} held-out training rows; test: {first['test_rows']:,}.", "",
+           "| pooling | val acc | test acc | training | samples/s |", "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        out.append(f"| {row['arm']} | {row['validation_accuracy']:.4f} | {row['test_accuracy']:.4f} | {row['train_seconds'] / 60:.1f} min | "
+                   f"{row['samples_per_second']:.1f} |")
     return [*out, "", f"Command: `{r['command']}`.", ""]
 
 
