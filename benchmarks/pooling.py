@@ -1,6 +1,6 @@
 """Pooling for the classifier on AG News: the first token vs the mean over tokens, same LoRA, data, steps, schedule.
 
-    python benchmarks/pooling.py [--epochs 1] [--arms cls,mean] [--rows N (first N train and test rows, a smoke run)]
+    python benchmarks/pooling.py [--epochs 1] [--arms cls,mean] [--append] [--rows N (first N train and test rows, a smoke run)]
 
 Evidence for a recipe choice, not a trainer option yet. loraship trains and exports BertForSequenceClassification,
 whose classifier reads the pooler on the first token ([CLS]); all-MiniLM-L6-v2 was trained as a sentence embedding
@@ -108,7 +108,7 @@ def worker(arm: str, epochs: int, data: Path, limit: int) -> None:
             hits = sum(int((logits(b).argmax(-1) == b["labels"]).sum()) for b in batches(split, 128, None))
         return hits / len(split)
 
-    print(json.dumps({"validation_accuracy": accuracy(val), "test_accuracy": accuracy(test), "train_seconds": seconds,
+    print(json.dumps({"epochs": epochs, "validation_accuracy": accuracy(val), "test_accuracy": accuracy(test), "train_seconds": seconds,
                       "samples_per_second": len(train) * epochs / seconds, "steps": total,
                       "validation_rows": len(val), "test_rows": len(test)}))
 
@@ -117,6 +117,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--append", action="store_true", help="add the rows to the saved results instead of replacing them")
     p.add_argument("--rows", type=int, default=0, help="first N train and test rows only (0: all)")
     p.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -132,10 +133,15 @@ def main() -> int:
     if args.rows:
         print("smoke run (--rows): nothing saved")
         return 0
-    save("pooling", {"benchmark": "pooling", "machine": machine(), "epochs": args.epochs,
-                     "command": "python benchmarks/pooling.py " + " ".join(sys.argv[1:]), "rows": rows})
-    print(table(["pooling", "validation", "test", "train s", "samples/s"],
-                [[r["arm"], f"{r['validation_accuracy']:.4f}", f"{r['test_accuracy']:.4f}", f"{r['train_seconds']:.0f}",
+    command = "python benchmarks/pooling.py " + " ".join(sys.argv[1:])
+    path = REPO / "benchmarks" / "results" / "pooling.json"
+    saved = json.loads(path.read_text()) if args.append and path.is_file() else None
+    if saved:
+        rows = saved["rows"] + rows
+        command = saved["command"] + "; " + command
+    save("pooling", {"benchmark": "pooling", "machine": machine(), "command": command, "rows": rows})
+    print(table(["pooling", "epochs", "validation", "test", "train s", "samples/s"],
+                [[r["arm"], r["epochs"], f"{r['validation_accuracy']:.4f}", f"{r['test_accuracy']:.4f}", f"{r['train_seconds']:.0f}",
                   f"{r['samples_per_second']:.1f}"] for r in rows]))
     return 0
 

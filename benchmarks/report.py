@@ -236,13 +236,13 @@ def pooling(machines: set[tuple[str, int]]) -> list[str]:
         return []
     m = r["machine"]
     first = r["rows"][0]
-    out = [f"### Pooling for the classifier, AG News ({m['cpu']}, {m['cores']} cores; {r['epochs']} epochs, single seed)", "",
+    out = [f"### Pooling for the classifier, AG News ({m['cpu']}, {m['cores']} cores; single seed)", "",
            "The trainer's defaults and the same batches and schedule; cls: the model's own head (pooler on the first token, what "
            "loraship trains and exports), mean: the masked mean of the last layer's tokens into the classifier (how "
            f"all-MiniLM-L6-v2 was trained). Validation: {first['validation_rows']:,} held-out training rows; test: {first['test_rows']:,}.", "",
-           "| pooling | val acc | test acc | training | samples/s |", "|---|---|---|---|---|"]
+           "| pooling | epochs | val acc | test acc | training | samples/s |", "|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        out.append(f"| {row['arm']} | {row['validation_accuracy']:.4f} | {row['test_accuracy']:.4f} | {row['train_seconds'] / 60:.1f} min | "
+        out.append(f"| {row['arm']} | {row['epochs']} | {row['validation_accuracy']:.4f} | {row['test_accuracy']:.4f} | {row['train_seconds'] / 60:.1f} min | "
                    f"{row['samples_per_second']:.1f} |")
     return [*out, "", f"Command: `{r['command']}`.", ""]
 
