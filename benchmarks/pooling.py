@@ -35,7 +35,7 @@ def encode(tokenizer: Any, rows: list[dict]) -> list[tuple[list[int], int]]:
     return [(ids, LABELS.index(r["label"])) for ids, r in zip(enc, rows, strict=True)]
 
 
-def batches(rows: list[tuple[list[int], int]], size: int, seed: int | None) -> list[dict]:
+def batches(rows: list[tuple[list[int], int]], size: int, seed: int | None, pad: int) -> list[dict]:
     """Padded batches; with a seed, shuffled in length groups (50 batches sorted by length, then shuffled)."""
     import torch
 
@@ -50,7 +50,7 @@ def batches(rows: list[tuple[list[int], int]], size: int, seed: int | None) -> l
     for b in range(0, len(order), size):
         chunk = [rows[i] for i in order[b : b + size]]
         width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([x + [0] * (width - len(x)) for x, _ in chunk])
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in chunk])
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in chunk])
         out.append({"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([y for _, y in chunk])})
     if seed is not None:
@@ -88,7 +88,7 @@ def worker(arm: str, epochs: int, data: Path, limit: int) -> None:
         return base.classifier(base.dropout((hidden * mask).sum(1) / mask.sum(1)))
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train, 1.0), lr=cfg.train.lr)
-    plan = [batches(train, BATCH, cfg.train.seed + e) for e in range(epochs)]
+    plan = [batches(train, BATCH, cfg.train.seed + e, tokenizer.pad_token_id) for e in range(epochs)]
     total = sum(len(p) for p in plan)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.train.warmup_ratio, cfg.train.scheduler))
     model.train()
@@ -105,7 +105,7 @@ def worker(arm: str, epochs: int, data: Path, limit: int) -> None:
 
     def accuracy(split: list[tuple[list[int], int]]) -> float:
         with torch.no_grad():
-            hits = sum(int((logits(b).argmax(-1) == b["labels"]).sum()) for b in batches(split, 128, None))
+            hits = sum(int((logits(b).argmax(-1) == b["labels"]).sum()) for b in batches(split, 128, None, tokenizer.pad_token_id))
         return hits / len(split)
 
     print(json.dumps({"epochs": epochs, "validation_accuracy": accuracy(val), "test_accuracy": accuracy(test), "train_seconds": seconds,

@@ -110,3 +110,16 @@ def test_a_bf16_run_stores_the_frozen_weights_in_bf16(tiny_bert: Path, toy_data:
     run = tmp_path / "run32"
     assert main(tiny_args(tiny_bert, toy_data, run, "train.mixed_precision=no", "train.max_steps=1")) == 0
     assert json.loads((run / "summary.json").read_text())["frozen_weights_dtype"] == "float32"
+
+
+def test_a_bf16_dora_run_keeps_the_frozen_weights_in_fp32(tiny_bert: Path, toy_data: Path, tmp_path: Path) -> None:
+    """DoRA's weight norms read the base weights outside the autocast products: stored in bf16 they would
+    be rounded there too, so a DoRA run keeps them fp32."""
+    import json
+
+    from tests.conftest import tiny_args
+    from trainer.train import main
+
+    run = tmp_path / "run"
+    assert main(tiny_args(tiny_bert, toy_data, run, "train.mixed_precision=bf16", "train.max_steps=2", "lora.use_dora=true")) == 0
+    assert json.loads((run / "summary.json").read_text())["frozen_weights_dtype"] == "float32"
