@@ -2,9 +2,10 @@
 
     python benchmarks/pooling.py [--epochs 1] [--arms cls,mean] [--append] [--rows N (first N train and test rows, a smoke run)]
 
-Evidence for a recipe choice, not a trainer option yet. loraship trains and exports BertForSequenceClassification,
-whose classifier reads the pooler on the first token ([CLS]); all-MiniLM-L6-v2 was trained as a sentence embedding
-with mean pooling, so its [CLS] output carries no trained summary. Each arm runs in its own process with the
+The evidence that led to the trainer's `model.pooling` option (whose mean is built as an appended encoder layer and
+compared by `benchmarks/recipe.py --settings pooling_first pooling_mean`); this script's mean arm feeds the mean
+straight into the classifier, a head the standard BERT export could not carry. all-MiniLM-L6-v2 was trained as a
+sentence embedding with mean pooling, so its [CLS] output carries no trained summary. Each arm runs in its own process with the
 trainer's model builder and defaults (configs/agnews_minilm.yaml: LoRA r=16 on every linear layer, lr 0.001,
 linear schedule with 6% warmup, AdamW groups, clipping at 1.0, batch 32 length-grouped), for --epochs epochs:
 - cls: the model's own forward (pooler on token 0; the last layer for the first token only, as the trainer)
@@ -69,7 +70,8 @@ def worker(arm: str, epochs: int, data: Path, limit: int) -> None:
     from trainer.train import param_groups
 
     # mean reads every token of the last layer: the first-token-only shortcut must not run there
-    cfg = load_config(REPO / "configs" / "agnews_minilm.yaml", ["model.last_layer=full"] if arm == "mean" else [])
+    # model.pooling=first for both: this script builds its own mean head on the model without the pooling layer
+    cfg = load_config(REPO / "configs" / "agnews_minilm.yaml", ["model.pooling=first"] + (["model.last_layer=full"] if arm == "mean" else []))
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path))
     rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()[: limit or None] if x.strip()]

@@ -218,8 +218,8 @@ def recipe_table(machines: set[tuple[str, int]]) -> list[str]:
         return []
     m = r["machine"]
     out = [f"### Recipe settings, one training each ({m['cpu']}, {m['cores']} cores; single seed)", "",
-           "Defaults with one setting changed; the best adapter is chosen on validation, test only reports. AG News under "
-           "`train.time_budget_minutes=5` (equal training time per setting)." + (f" {r['note']}" if r.get("note") else ""), "",
+           "Defaults with one setting changed; the best adapter is chosen on validation, test only reports. Task agnews under "
+           "`train.time_budget_minutes=5` (equal training time per setting); agnews_full: the default epochs, no budget." + (f" {r['note']}" if r.get("note") else ""), "",
            "| task | setting | val acc | test acc | test macro F1 | epochs / steps | training |", "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         if "error" in row:

@@ -57,9 +57,10 @@ def merge(adapter_dir: Path, meta: dict[str, Any], base_model: str, out_dir: Pat
     """Base (fp32) + adapter -> merged model dir; proves adapter and merged logits agree."""
     import torch
     from peft import PeftModel
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from trainer.modeling import resolve_model_path
+    from trainer.modeling import append_mean_pooling_layer, resolve_model_path
 
     labels = meta["labels"]
     try:
@@ -73,11 +74,22 @@ def merge(adapter_dir: Path, meta: dict[str, Any], base_model: str, out_dir: Pat
         )
     except (OSError, ValueError) as e:  # missing dir, bad hub id, unreachable hub
         raise ExportError(f"base model {base_model!r} of {adapter_dir} cannot be loaded: {e}. Pass --base-model PATH") from e
+    if meta.get("pooling", "first") == "mean":
+        try:  # the layer the trainer appended: the adapter's weights for it apply to this same construction
+            append_mean_pooling_layer(base)
+        except ValueError as e:
+            raise ExportError(f"{adapter_dir}: trained with mean pooling, but {e}") from e
     check_safetensors(adapter_dir / "adapter_model.safetensors")
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        # peft only warns about adapter weights that fit no layer of this base (another base, a layer the
+        # trainer appended): loading them again tells which, and the merge stops instead of dropping them.
+        unexpected = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir))).unexpected_keys
     except Exception as e:
         raise ExportError(f"{adapter_dir}: cannot apply the adapter to {base_model}: {e}") from e
+    if unexpected:
+        raise ExportError(f"{adapter_dir}: {len(unexpected)} adapter weights fit no layer of {base_model} (e.g. {unexpected[0]}): "
+                          "it was trained on another base model or layout; pass the right --base-model")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     adapter_logits = torch_logits(model, tokenizer, texts, meta["max_length"])

@@ -55,6 +55,15 @@ class ModelConfig:
             "with SDPA attention only, others run 'full'. The exported model is the standard one either way."
         },
     )
+    pooling: Literal["first", "mean"] = field(
+        default="first",
+        metadata={
+            "doc": "What the classifier reads: 'first' the model's own head on the first token ([CLS]); 'mean' the "
+            "mean over the text's tokens of the last layer (how sentence-embedding models like all-MiniLM-L6-v2 were "
+            "trained), built as one extra standard encoder layer so the merged and ONNX models stay standard BERT "
+            "ones; BERT-family models only. Measured: AG News +0.1 test points, TREC coarse equal, TREC 50-class -2.4."
+        },
+    )
 
 
 @dataclass

@@ -95,6 +95,8 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, labels: list[str],
         trust_remote_code=model_cfg.trust_remote_code,
         dtype=torch.float32,  # master weights stay fp32; mixed precision is autocast
     )
+    if model_cfg.pooling == "mean":
+        append_mean_pooling_layer(base)
     model_type = base.config.model_type
     heads = head_modules(model_type, lora_cfg)
     peft_cfg = PeftLoraConfig(
@@ -110,12 +112,48 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, labels: list[str],
     last_layer = "cls" if model_cfg.last_layer == "auto" and cls_only_last_layer(base) else "full"
     model = get_peft_model(base, peft_cfg)
     model.loraship_last_layer = last_layer  # what ran, for summary.json
+    model.loraship_pooling = model_cfg.pooling  # for loraship.json (the merge rebuilds the base with it) and summary.json
     if lora_cfg.init_std > 0:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0.0, lora_cfg.init_std)
     return model
+
+
+# The pooling layer's attention output is this times the mean, so the first token's own state, which the
+# layer's residual adds, weighs ~1/32 in the LayerNorm that follows (LayerNorm ignores the overall scale).
+MEAN_POOLING_SCALE = 32.0
+
+
+def append_mean_pooling_layer(model: nn.Module) -> None:
+    """Append an encoder layer whose first-token output is LayerNorm(mean of the last layer's tokens), so the
+    standard BERT head (pooler on token 0, classifier) reads the mean: query and key weights zero (equal
+    scores: attention is the mask-aware mean), value identity, attention output 32 x identity (the token's
+    own residual becomes negligible), feed-forward zero (its residual passes the normalised mean on).
+    Deterministic weights, so the merge rebuilds the same base; the model stays a standard
+    BertForSequenceClassification with one more layer, which merge, ONNX export and every serving path
+    handle unchanged. LoRA adapts the value and output projections like any other layer's; with zero base
+    weights and zero-initialised LoRA B, the query/key and feed-forward updates get no gradient, so the
+    pooling stays a mean (and costs next to nothing: its query and feed-forward run for the first token only)."""
+    from transformers import BertForSequenceClassification
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    if type(model) is not BertForSequenceClassification:
+        raise ValueError(f"model.pooling=mean supports BERT-family encoders (BertForSequenceClassification); "
+                         f"this model is {type(model).__name__}: use model.pooling=first")
+    config = model.config
+    layer = BertLayer(config, layer_idx=config.num_hidden_layers)
+    eye = torch.eye(config.hidden_size)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.zero_()
+        layer.attention.self.value.weight.copy_(eye)
+        layer.attention.output.dense.weight.copy_(MEAN_POOLING_SCALE * eye)
+        layer.attention.output.LayerNorm.weight.fill_(1.0)
+        layer.output.LayerNorm.weight.fill_(1.0)
+    model.bert.encoder.layer.append(layer.to(model.dtype))
+    config.num_hidden_layers += 1
 
 
 def cls_only_last_layer(model: nn.Module) -> bool:

@@ -445,7 +445,11 @@ def save_selection_data(run: Run) -> None:
 def build_training(run: Run) -> None:
     """Model with LoRA, AdamW (no decay on biases/LayerNorm), warmup + decay schedule, prepared loaders."""
     cfg, accelerator = run.cfg, run.accelerator
-    model = build_model(cfg.model, cfg.lora, run.labels, cfg.train.seed)
+    try:
+        model = build_model(cfg.model, cfg.lora, run.labels, cfg.train.seed)
+    except ValueError as e:  # an option this architecture does not support (model.pooling=mean)
+        raise TrainingError(f"{cfg.model.name_or_path}: {e}") from e
+    run.meta["pooling"] = model.loraship_pooling  # 'mean': the merge appends the same pooling layer first
     # Not with DoRA: it reads the full-precision base weights outside the autocast products (its norms).
     if run.mixed_precision == "bf16" and not cfg.lora.use_dora:
         store_frozen_linear_weights(model, torch.bfloat16)
@@ -754,6 +758,7 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
         "tokens_per_second": (state.tokens - start_tokens) / train_seconds if train_seconds > 0 else None,
         "mixed_precision": run.mixed_precision,
         "last_layer": acc.unwrap_model(run.model).loraship_last_layer,  # "cls": first token only (model.last_layer)
+        "pooling": acc.unwrap_model(run.model).loraship_pooling,  # what the classifier reads (model.pooling)
         "frozen_weights_dtype": frozen_linear_dtype(run.model),  # bfloat16 in bf16 runs (no cast per step)
         "num_processes": acc.num_processes,
         "data": run.data_report,
