@@ -125,3 +125,26 @@ def test_an_adapter_whose_weights_do_not_fit_the_base_is_refused(tiny_bert: Path
     err = capsys.readouterr().err
     assert "adapter weights fit no layer" in err and "encoder.layer.2." in err
     assert not (run / "merged").exists() and not (run / "onnx").exists()
+
+
+@pytest.mark.parametrize("lora", [{"use_dora": True}, {"target_modules": ["query", "value"], "use_dora": True}])
+def test_the_pooling_layers_zero_weights_get_no_adapter(tiny_bert: Path, lora: dict) -> None:
+    """DoRA divides by the norm of base + LoRA weight, zero there at the start (LoRA B starts at zero): the
+    pooling layer's zero query, key and feed-forward weights stay unadapted (plain LoRA there gets no gradient
+    anyway), so DoRA runs and no adapter weight is wasted."""
+    import torch
+
+    from tests.test_fast_paths import _batch
+    from trainer.modeling import build_model
+
+    model = build_model(ModelConfig(name_or_path=str(tiny_bert), pooling="mean"), LoraConfig(r=4, **lora),
+                        ["a", "b", "c", "d"], seed=0)
+    adapted = {n.split(".lora_")[0].removeprefix("base_model.model.") for n, _ in model.named_parameters() if ".lora_" in n}
+    pooling_layer = {n.removeprefix("bert.encoder.layer.2.") for n in adapted if n.startswith("bert.encoder.layer.2.")}
+    assert pooling_layer == ({"attention.self.value", "attention.output.dense"} if "target_modules" not in lora
+                             else {"attention.self.value"})
+    assert "bert.encoder.layer.1.attention.self.query" in adapted
+    out = model(**_batch())
+    out.loss.backward()
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

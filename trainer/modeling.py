@@ -54,22 +54,26 @@ def head_modules(model_type: str, lora_cfg: LoraConfig) -> list[str]:
 
 
 def target_modules(model: nn.Module, model_type: str, lora_cfg: LoraConfig, heads: list[str]) -> list[str]:
-    """Resolve 'auto' / 'all-linear' to module names; 'all-linear' lists every Linear outside the head."""
+    """Resolve 'auto' / 'all-linear' to module names; 'all-linear' lists every Linear outside the head.
+    Layers marked `loraship_no_adapter` (the mean-pooling layer's zero weights) are never adapted: with
+    explicit names, those are expanded to the full names of the other matching layers (peft's suffix rule)."""
     targets = list(lora_cfg.target_modules)
     if targets == ["auto"]:
-        if model_type in AUTO_TARGETS:
-            return AUTO_TARGETS[model_type]
-        targets = ["all-linear"]
+        targets = AUTO_TARGETS.get(model_type, ["all-linear"])
+    skip = {name for name, module in model.named_modules() if getattr(module, "loraship_no_adapter", False)}
     if targets == ["all-linear"]:
         names = []
         for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, nn.Linear) or name in skip:
                 continue
             if any(name == h or name.startswith(h + ".") for h in heads):
                 continue
             names.append(name)
         # Full module names: a suffix like 'dense' would also match layers inside the head.
         return names
+    if skip:
+        return [name for name, _ in model.named_modules()
+                if name not in skip and any(name == t or name.endswith("." + t) for t in targets)]
     return targets
 
 
@@ -133,9 +137,9 @@ def append_mean_pooling_layer(model: nn.Module) -> None:
     own residual becomes negligible), feed-forward zero (its residual passes the normalised mean on).
     Deterministic weights, so the merge rebuilds the same base; the model stays a standard
     BertForSequenceClassification with one more layer, which merge, ONNX export and every serving path
-    handle unchanged. LoRA adapts the value and output projections like any other layer's; with zero base
-    weights and zero-initialised LoRA B, the query/key and feed-forward updates get no gradient, so the
-    pooling stays a mean (and costs next to nothing: its query and feed-forward run for the first token only)."""
+    handle unchanged. LoRA adapts its value and attention output like any other layer's; its zero query, key
+    and feed-forward weights are marked never to be adapted, so the pooling stays a mean (and costs next to
+    nothing: its query and feed-forward run for the first token only)."""
     from transformers import BertForSequenceClassification
     from transformers.models.bert.modeling_bert import BertLayer
 
@@ -152,6 +156,9 @@ def append_mean_pooling_layer(model: nn.Module) -> None:
         layer.attention.output.dense.weight.copy_(MEAN_POOLING_SCALE * eye)
         layer.attention.output.LayerNorm.weight.fill_(1.0)
         layer.output.LayerNorm.weight.fill_(1.0)
+    # Zero weights: DoRA would divide by their norm, and plain LoRA there gets no gradient from a zero B.
+    for module in (layer.attention.self.query, layer.attention.self.key, layer.intermediate.dense, layer.output.dense):
+        module.loraship_no_adapter = True
     model.bert.encoder.layer.append(layer.to(model.dtype))
     config.num_hidden_layers += 1
 
