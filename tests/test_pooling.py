@@ -148,3 +148,16 @@ def test_the_pooling_layers_zero_weights_get_no_adapter(tiny_bert: Path, lora: d
     out.loss.backward()
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_resuming_with_another_model_layout_fails_clearly(tiny_bert: Path, toy_data: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.train import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main(tiny_args(tiny_bert, toy_data, run, "train.max_steps=4", "train.save_every=2")) == 0
+    capsys.readouterr()
+    assert train_main(tiny_args(tiny_bert, toy_data, run, "train.max_steps=8", "train.resume=latest", "model.pooling=mean")) == 1
+    err = capsys.readouterr().err
+    assert "step_4: the checkpoint does not fit this run's model: it was written with model.pooling='first' (this run: 'mean')" in err
+    assert "Traceback" not in err

@@ -57,6 +57,7 @@ from trainer.data import (
 )
 from trainer.data_cache import TokenizedSplit, default_cache_root, load_or_build
 from trainer.modeling import (
+    ADAPTER_META,
     build_model,
     classification_metrics,
     frozen_linear_dtype,
@@ -533,11 +534,30 @@ def fit_budget(run: Run, loop_seconds: float) -> None:  # loop_seconds: this pro
                                  "checkpoint_seconds": round(costs.checkpoint, 3)}
 
 
+def layout_changes(cfg: Config, checkpoint: Path) -> list[str]:
+    """model.* / lora.* settings that differ from those the checkpoint's best adapter recorded ([] if unknown)."""
+    try:
+        saved = json.loads((checkpoint / checkpoints.BEST_ADAPTER / ADAPTER_META).read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError):
+        return []
+    now = shareable_config(cfg)
+    return [f"{section}.{key}={saved[section].get(key)!r} (this run: {value!r})" for section in ("model", "lora")
+            for key, value in now[section].items() if section in saved and saved[section].get(key) != value]
+
+
 def restore(run: Run, resume_from: Path | None) -> None:
     """Continue from a checkpoint (state, RNG, best adapter, metrics up to it), or evaluate the baseline."""
     acc = run.accelerator
     if resume_from is not None:
-        acc.load_state(str(resume_from))
+        try:
+            acc.load_state(str(resume_from))
+        except RuntimeError as e:  # missing, unexpected or reshaped weights: another model or LoRA layout
+            changed = layout_changes(run.cfg, resume_from)
+            raise TrainingError(
+                f"{resume_from}: the checkpoint does not fit this run's model: "
+                + (f"it was written with {'; '.join(changed)}" if changed else
+                   "it was written with other model.* or lora.* settings (e.g. model.pooling, lora.r)")
+                + f". Resume with the settings it was trained with, or train into a new run dir. ({str(e).splitlines()[0]})") from e
         run.state.load_state_dict(json.loads((resume_from / checkpoints.STATE_FILE).read_text()))
         if acc.is_main_process:
             if (resume_from / checkpoints.BEST_ADAPTER).is_dir():
