@@ -54,26 +54,22 @@ def head_modules(model_type: str, lora_cfg: LoraConfig) -> list[str]:
 
 
 def target_modules(model: nn.Module, model_type: str, lora_cfg: LoraConfig, heads: list[str]) -> list[str]:
-    """Resolve 'auto' / 'all-linear' to module names; 'all-linear' lists every Linear outside the head.
-    Layers marked `loraship_no_adapter` (the mean-pooling layer's zero weights) are never adapted: with
-    explicit names, those are expanded to the full names of the other matching layers (peft's suffix rule)."""
+    """Resolve 'auto' / 'all-linear' to module names; 'all-linear' lists every Linear outside the head."""
     targets = list(lora_cfg.target_modules)
     if targets == ["auto"]:
-        targets = AUTO_TARGETS.get(model_type, ["all-linear"])
-    skip = {name for name, module in model.named_modules() if getattr(module, "loraship_no_adapter", False)}
+        if model_type in AUTO_TARGETS:
+            return AUTO_TARGETS[model_type]
+        targets = ["all-linear"]
     if targets == ["all-linear"]:
         names = []
         for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear) or name in skip:
+            if not isinstance(module, nn.Linear):
                 continue
             if any(name == h or name.startswith(h + ".") for h in heads):
                 continue
             names.append(name)
         # Full module names: a suffix like 'dense' would also match layers inside the head.
         return names
-    if skip:
-        return [name for name, _ in model.named_modules()
-                if name not in skip and any(name == t or name.endswith("." + t) for t in targets)]
     return targets
 
 
@@ -109,6 +105,8 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, labels: list[str],
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=target_modules(base, model_type, lora_cfg, heads),
+        # layers never to adapt (the mean-pooling layer's zero weights, see append_mean_pooling_layer)
+        exclude_modules=[n for n, m in base.named_modules() if getattr(m, "loraship_no_adapter", False)] or None,
         modules_to_save=heads,
         use_dora=lora_cfg.use_dora,
         use_rslora=lora_cfg.use_rslora,
