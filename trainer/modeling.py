@@ -114,7 +114,6 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, labels: list[str],
     last_layer = "cls" if model_cfg.last_layer == "auto" and cls_only_last_layer(base) else "full"
     model = get_peft_model(base, peft_cfg)
     model.loraship_last_layer = last_layer  # what ran, for summary.json
-    model.loraship_pooling = model_cfg.pooling  # for loraship.json (the merge rebuilds the base with it) and summary.json
     if lora_cfg.init_std > 0:
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -402,6 +402,7 @@ def load_data(run: Run) -> None:
         "id2label": dict(enumerate(run.labels)),
         "label2id": {n: i for i, n in enumerate(run.labels)},
         "max_length": cfg.data.max_length,
+        "pooling": cfg.model.pooling,  # 'mean': the merge appends the same pooling layer to the base first
         "text_field": cfg.data.text_field,
         "label_field": cfg.data.label_field,
         "trust_remote_code": cfg.model.trust_remote_code,
@@ -450,7 +451,6 @@ def build_training(run: Run) -> None:
         model = build_model(cfg.model, cfg.lora, run.labels, cfg.train.seed)
     except ValueError as e:  # an option this architecture does not support (model.pooling=mean)
         raise TrainingError(f"{cfg.model.name_or_path}: {e}") from e
-    run.meta["pooling"] = model.loraship_pooling  # 'mean': the merge appends the same pooling layer first
     # Not with DoRA: it reads the full-precision base weights outside the autocast products (its norms).
     if run.mixed_precision == "bf16" and not cfg.lora.use_dora:
         store_frozen_linear_weights(model, torch.bfloat16)
@@ -778,7 +778,7 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
         "tokens_per_second": (state.tokens - start_tokens) / train_seconds if train_seconds > 0 else None,
         "mixed_precision": run.mixed_precision,
         "last_layer": acc.unwrap_model(run.model).loraship_last_layer,  # "cls": first token only (model.last_layer)
-        "pooling": acc.unwrap_model(run.model).loraship_pooling,  # what the classifier reads (model.pooling)
+        "pooling": run.cfg.model.pooling,  # what the classifier reads (model.pooling)
         "frozen_weights_dtype": frozen_linear_dtype(run.model),  # bfloat16 in bf16 runs (no cast per step)
         "num_processes": acc.num_processes,
         "data": run.data_report,
