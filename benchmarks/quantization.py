@@ -55,12 +55,10 @@ def random_batches(clf: object, texts: list[str], seed: int = 0, batch: int = 32
 
 def timed_argmax(clf: object, texts: list[str]) -> tuple[float, list[int]]:
     """Rows/s of serve_cli's batching (length-sorted windows, batch 32) on an open session, and the argmax per text."""
-    from serve_cli.__main__ import DEFAULT_BATCH_SIZE, predict_in_order
-    from serve_cli.io import Row
+    from serve_cli.runtime import proba_in_order
 
     t0 = time.perf_counter()
-    rows = (Row(i, i, t) for i, t in enumerate(texts))
-    pred = [int(p.argmax()) for _, p in predict_in_order(clf, rows, DEFAULT_BATCH_SIZE)]  # type: ignore[arg-type]
+    pred = proba_in_order(clf, texts).argmax(-1).tolist()  # type: ignore[arg-type]
     return len(texts) / (time.perf_counter() - t0), pred
 
 

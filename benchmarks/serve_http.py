@@ -169,17 +169,15 @@ def top_label(answer: Any) -> str:
 
 def predict_rows_per_second(onnx_dir: Path, texts: list[str]) -> tuple[float, dict[str, str]]:
     """serve_cli predict's own batching, in process, on the same texts (median of 3)."""
-    from serve_cli.__main__ import DEFAULT_BATCH_SIZE, predict_in_order
-    from serve_cli.io import Row
-    from serve_cli.runtime import OnnxClassifier
+    from serve_cli.runtime import OnnxClassifier, proba_in_order
 
     clf = OnnxClassifier(onnx_dir)
     rates, labels = [], {}
     for _ in range(3):
         t0 = time.perf_counter()
-        out = list(predict_in_order(clf, (Row(i, i, t) for i, t in enumerate(texts)), DEFAULT_BATCH_SIZE))
+        probs = proba_in_order(clf, texts)
         rates.append(len(texts) / (time.perf_counter() - t0))
-        labels = {item.text: clf.labels[int(p.argmax())] for item, p in out}  # type: ignore[union-attr]
+        labels = {t: clf.labels[int(p.argmax())] for t, p in zip(texts, probs, strict=True)}
     return float(np.median(rates)), labels
 
 

@@ -10,12 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from loraship.files import ADAPTER_META as META
+from loraship.files import CALIBRATION_FILE, REPORT, VALIDATION_FILE
+
+__all__ = ["CALIBRATION_FILE", "META", "REPORT", "VALIDATION_FILE"]
+
 INT8_FILE = "model_quantized.onnx"
-REPORT = "export_report.json"
-META = "loraship.json"
 MERGE_STAMP = "loraship_merge.json"
-VALIDATION_FILE = "validation.jsonl"  # the trainer's validation split, in the run dir: what the export chooses on
-CALIBRATION_FILE = "calibration.jsonl"  # training texts for int8 calibration and sensitivity, in the run dir
 
 
 class ExportError(RuntimeError):

@@ -20,14 +20,29 @@ from export.common import ExportError, torch_logits
 
 
 def load_eval_file(path: Path, text_field: str, label_field: str, labels: list[str]) -> tuple[list[str], np.ndarray]:
-    from trainer.data import DataError, encode_labels, load_rows
+    """Rows through the one reader, labels through the one label map; the first bad row or unknown label
+    stops the export with the reader's words."""
+    from loraship import rows as reader
+    from loraship.labels import LabelMap
 
+    label_map = LabelMap(labels)
+    texts: list[str] = []
+    y: list[int] = []
     try:
-        rows = load_rows(str(path), text_field, label_field)
-        y = encode_labels(rows, {n: i for i, n in enumerate(labels)})
-    except DataError as e:
+        _, rows = reader.read(str(path), "auto", reader.Fields(text_field, label_field))
+        for row in rows:
+            if isinstance(row, reader.RowError):
+                raise ExportError(f"{row.where}: {row.message}")
+            k = label_map.id(row.label)
+            if k is None:
+                raise ExportError(str(label_map.unknown(row.where, row.label, "Evaluate with a file of the model's labels")))
+            texts.append(row.text)
+            y.append(k)
+    except reader.InputError as e:
         raise ExportError(str(e)) from e
-    return rows.texts, np.array(y)
+    if not texts:
+        raise ExportError(f"{path}: no rows")
+    return texts, np.array(y)
 
 
 def accuracy_f1(y: np.ndarray, pred: np.ndarray, n_labels: int) -> dict[str, float]:
@@ -39,13 +54,9 @@ def accuracy_f1(y: np.ndarray, pred: np.ndarray, n_labels: int) -> dict[str, flo
 
 def onnx_proba(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
     """Probabilities exactly as `serve_cli predict/eval` makes them (its windows, batches and batch mates)."""
-    from serve_cli.__main__ import DEFAULT_BATCH_SIZE, predict_in_order
-    from serve_cli.io import Row
-    from serve_cli.runtime import OnnxClassifier
+    from serve_cli.runtime import OnnxClassifier, proba_in_order
 
-    clf = OnnxClassifier(onnx_dir, variant=variant, threads=threads or None)
-    rows = (Row(i, i, t) for i, t in enumerate(texts))
-    return np.stack([p for _, p in predict_in_order(clf, rows, DEFAULT_BATCH_SIZE)]) if texts else np.zeros((0, len(clf.labels)))
+    return proba_in_order(OnnxClassifier(onnx_dir, variant=variant, threads=threads or None), texts)
 
 
 def onnx_predict(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
@@ -55,8 +66,7 @@ def onnx_predict(onnx_dir: Path, variant: str, texts: list[str], threads: int) -
 
 def onnx_logits(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
     """Logits with serve_cli's batching (length-sorted batches of its default size), in input order."""
-    from serve_cli.__main__ import DEFAULT_BATCH_SIZE
-    from serve_cli.runtime import OnnxClassifier, logits_sorted
+    from serve_cli.runtime import DEFAULT_BATCH_SIZE, OnnxClassifier, logits_sorted
 
     return logits_sorted(OnnxClassifier(onnx_dir, variant=variant, threads=threads or None), texts, DEFAULT_BATCH_SIZE)
 

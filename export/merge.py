@@ -31,12 +31,12 @@ def read_adapter(adapter_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def generated_texts(tokenizer_dir: Path, n: int = 48, seed: int = 0) -> list[str]:
+def generated_texts(tokenizer_dir: Path, n: int = 48, seed: int = 0, trust_remote_code: bool = False) -> list[str]:
     """Texts of whole vocabulary words, short to past max_length, for parity checks when the adapter
     carries no sample texts and no eval file is given: parity is about arithmetic, not about meaning."""
     from transformers import AutoTokenizer
 
-    vocab = sorted(w for w in AutoTokenizer.from_pretrained(str(tokenizer_dir)).get_vocab() if w.isalpha() and w.isascii())
+    vocab = sorted(w for w in AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code).get_vocab() if w.isalpha() and w.isascii())
     rng = random.Random(seed)
     return [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 200))) for _ in range(n)]
 
@@ -91,7 +91,7 @@ def merge(adapter_dir: Path, meta: dict[str, Any], base_model: str, out_dir: Pat
         raise ExportError(f"{adapter_dir}: {len(unexpected)} adapter weights fit no layer of {base_model} (e.g. {unexpected[0]}): "
                           "it was trained on another base model or layout; pass the right --base-model")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=trust_remote_code)
     adapter_logits = torch_logits(model, tokenizer, texts, meta["max_length"])
     merged = model.merge_and_unload()
     merged.eval()

@@ -41,7 +41,7 @@ from export.gate import agreement_gate, load_eval_file, measure_file, validation
 from export.int8_search import search
 from export.merge import generated_texts, merge, read_adapter
 from export.quantize import QUANTIZATION_METHODS, auto_quantization, quantize
-from serve_cli.fsutil import OutputError, RunDirLock, atomic_dir, temp_dir_beside
+from loraship.fsutil import OutputError, RunDirLock, atomic_dir, temp_dir_beside
 from trainer.quiet import quiet_third_party
 
 
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
         raise ExportError(f"{onnx_dir}: exists and was built from other inputs; pass --force to replace it or choose --output")
 
     eval_data = load_eval_file(args.eval_file, *fields, meta["labels"]) if args.eval_file else None
-    texts, texts_from = parity_texts(meta, eval_data, adapter_dir)
+    texts, texts_from = parity_texts(meta, eval_data, adapter_dir, args.trust_remote_code)
     report: dict[str, Any] = {"inputs": fp, "source": {"adapter": adapter_dir.name, "run": args.run.name if args.run else None},
                               "parity_texts": {"from": texts_from, "rows": len(texts)}}
     report["merge"] = merge_phase(args, adapter_dir, meta, base_model, merged_dir, merged_is_temp, texts, fp)
@@ -210,8 +210,9 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    trust = args.trust_remote_code
+    merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir), dtype=torch.float32, trust_remote_code=trust).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir), trust_remote_code=trust)
     phases = report["phase_seconds"] = {"merge": report["merge"]["seconds"]}
     with atomic_dir(onnx_dir, args.force, "--force", "export.to_onnx ONNX dir", check_lock=not inside(onnx_dir, args.run)) as tmp:
         t0 = time.perf_counter()
@@ -246,13 +247,14 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
     return 0
 
 
-def parity_texts(meta: dict[str, Any], eval_data: tuple[list[str], np.ndarray] | None, adapter_dir: Path) -> tuple[list[str], str]:
+def parity_texts(meta: dict[str, Any], eval_data: tuple[list[str], np.ndarray] | None, adapter_dir: Path,
+                 trust_remote_code: bool) -> tuple[list[str], str]:
     """Texts for the parity checks: the adapter's samples, else eval-file rows, else generated texts."""
     if len(meta["sample_texts"]) >= 2:
         return list(meta["sample_texts"]), "adapter sample texts"
     if eval_data is not None and len(eval_data[0]) >= 2:
         return eval_data[0][:32], "eval file"
-    return generated_texts(adapter_dir), "generated from the vocabulary (the adapter carries no texts)"
+    return generated_texts(adapter_dir, trust_remote_code=trust_remote_code), "generated from the vocabulary (the adapter carries no texts)"
 
 
 def merge_phase(args: argparse.Namespace, adapter_dir: Path, meta: dict[str, Any], base_model: str, merged_dir: Path,

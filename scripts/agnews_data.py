@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from serve_cli.fsutil import atomic_dir  # noqa: E402
+from loraship.fsutil import atomic_dir  # noqa: E402
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 SHARED_TRAIN_ROWS = 20_392

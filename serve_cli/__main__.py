@@ -24,18 +24,20 @@ from typing import Any
 
 import numpy as np
 
-from serve_cli.fsutil import OutputError, atomic_dir, check_not_locked, check_replaceable
-from serve_cli.io import FORMATS, AtomicOutput, InputError, Row, RowError, read_rows
+from loraship import rows as reader
+from loraship.fsutil import OutputError, atomic_dir, check_not_locked, check_replaceable
+from loraship.labels import LabelMap
+from loraship.rows import FORMATS, InputError, Row, RowError
+from serve_cli.io import AtomicOutput
 from serve_cli.runtime import (
+    DEFAULT_BATCH_SIZE,
     VARIANT_FILES,
     ModelDirError,
     OnnxClassifier,
-    predict_proba_sorted,
+    predict_in_order,
+    proba_in_order,
     read_model_dir,
 )
-
-DEFAULT_BATCH_SIZE = 32
-WINDOW_BATCHES = 32  # rows are length-sorted within windows of this many batches: bounded memory
 
 
 class RowFailure(ValueError):
@@ -93,7 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ev.add_argument("--compare", nargs="+", default=[], metavar="DIR[@VARIANT]",
                     help="more models or variants to evaluate side by side, e.g. runs/x/onnx@fp32")
     ev.add_argument("--metric", action="append", default=[], metavar="NAME_OR_PATH",
-                    help="extra metric from the `evaluate` library (hub name, or path of a local metric script)")
+                    help="extra metric from the `evaluate` library (hub name, or path of a local metric script). "
+                    "This RUNS that metric's Python code (downloaded from the hub, or the local script): "
+                    "it needs --allow-metric-code")
+    ev.add_argument("--allow-metric-code", action="store_true",
+                    help="allow --metric to run the metric's own code (a hub script or a local file)")
     ev.add_argument("--unknown-labels", choices=("error", "count"), default="error",
                     help="a label the model does not know: stop with an error, or count it and leave the row out")
 
@@ -130,6 +136,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--output-format parquet, --address and --actors need --engine ray")
     if hasattr(args, "on_error") and args.on_error is None:
         args.on_error = "fail"
+    if getattr(args, "metric", None) and not args.allow_metric_code:
+        p.error("--metric runs the metric's own Python code (from the hub or a local script); "
+                "pass --allow-metric-code to allow it")
     if getattr(args, "errors_file", None) and args.on_error != "record":
         p.error("--errors-file needs --on-error record (bad rows are only written to a file when recorded)")
     return args
@@ -155,31 +164,14 @@ class Progress:
             sys.stderr.write("\r\033[K")
 
 
-def predict_in_order(clf: OnnxClassifier, items: Iterable[Row | RowError], batch_size: int) -> Iterator[tuple[Row | RowError, np.ndarray | None]]:
-    """(item, probabilities) in input order; inside each window rows are run in length order (less padding)."""
-    buf: list[Row | RowError] = []
-
-    def flush() -> Iterator[tuple[Row | RowError, np.ndarray | None]]:
-        rows = [i for i, it in enumerate(buf) if isinstance(it, Row)]
-        found = predict_proba_sorted(clf, [buf[i].text for i in rows], batch_size)  # type: ignore[union-attr]
-        probs: list[np.ndarray | None] = [None] * len(buf)
-        for i, p in zip(rows, found, strict=True):
-            probs[i] = p
-        yield from zip(buf, probs, strict=True)
-
-    for item in items:
-        buf.append(item)
-        if len(buf) >= batch_size * WINDOW_BATCHES:
-            yield from flush()
-            buf = []
-    if buf:
-        yield from flush()
+def row_text(item: Row | RowError) -> str | None:
+    return item.text if isinstance(item, Row) else None
 
 
 def fail_fast(items: Iterable[Row | RowError], path: str, on_error: str) -> Iterator[Row | RowError]:
     for it in items:
         if isinstance(it, RowError) and on_error == "fail":
-            raise RowFailure(f"{path}:{it.line}: {it.message} (use --on-error skip or record to go on past bad rows)")
+            raise RowFailure(f"{it.where}: {it.message} (use --on-error skip or record to go on past bad rows)")
         yield it
 
 
@@ -226,7 +218,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     err_out = None
     try:
         err_out = AtomicOutput(errors_path, args.overwrite) if errors_path and errors_path != "-" else None
-        _, rows = read_rows(args.input, args.format, args.text_field, args.id_field)
+        _, rows = reader.read(args.input, args.format, reader.Fields(args.text_field, id=args.id_field))
         writer = None
         if out_fmt in ("csv", "tsv"):
             import csv
@@ -235,21 +227,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
             writer.writerow(["id", "label", "score"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "score")])
         n_ok = n_err = 0
         progress = Progress(not args.quiet)
-        for item, probs in predict_in_order(clf, fail_fast(rows, args.input, args.on_error), args.batch_size):
+        for item, probs in predict_in_order(clf, fail_fast(rows, args.input, args.on_error), args.batch_size, row_text):
             if isinstance(item, RowError):
                 n_err += 1
-                record = {"line": item.line, "error": item.message}
                 if err_out is not None:
-                    err_out.f.write(json.dumps(record) + "\n")
+                    err_out.f.write(json.dumps(error_record(item)) + "\n")
                 elif not args.quiet or args.on_error == "record":
-                    print(f"{args.input}:{item.line}: {item.message}", file=sys.stderr)
+                    print(f"{item.where}: {item.message}", file=sys.stderr)
                 continue
             assert probs is not None
             best = top_k(probs, clf.labels, k)
+            rid = item.id if args.id_field else (item.line if item.file == args.input else item.where)
             if writer is not None:
-                writer.writerow([item.id, best[0]["label"], best[0]["score"]] + [v for t in best for v in (t["label"], t["score"])])
+                writer.writerow([rid, best[0]["label"], best[0]["score"]] + [v for t in best for v in (t["label"], t["score"])])
             else:
-                out.f.write(json.dumps({"id": item.id, "label": best[0]["label"], "score": best[0]["score"], "top_k": best}, ensure_ascii=False) + "\n")
+                out.f.write(json.dumps({"id": rid, "label": best[0]["label"], "score": best[0]["score"], "top_k": best}, ensure_ascii=False) + "\n")
             n_ok += 1
             progress.update(n_ok + n_err)
         progress.close()
@@ -281,7 +273,7 @@ def evaluate_model(clf: OnnxClassifier, texts: list[str], y: np.ndarray, batch_s
     from serve_cli.metrics import classification_report
 
     t0 = time.perf_counter()
-    probs = np.stack([p for _, p in predict_in_order(clf, (Row(i, i, t) for i, t in enumerate(texts)), batch_size)])  # type: ignore[misc]
+    probs = proba_in_order(clf, texts, batch_size)
     seconds = time.perf_counter() - t0
     report = classification_report(y, probs.argmax(-1), clf.labels)
     report.update({
@@ -291,29 +283,48 @@ def evaluate_model(clf: OnnxClassifier, texts: list[str], y: np.ndarray, batch_s
     return {"report": report, "probs": probs}
 
 
-def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    top = cm.max() if cm.size else 0
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > top / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+PLOT_NUMBERS_UP_TO = 30  # labels: beyond this the cells are too small for their counts
+PLOT_TICKS_UP_TO = 100  # labels: beyond this the axes carry no names
+PLOT_MAX_LABELS = 400  # labels: beyond this no plot (the table in report.md and confusion_matrix.json remain)
 
 
-def markdown_report(main_report: dict[str, Any], rows: list[dict[str, Any]], extra: dict[str, Any], input_path: str, unknown: int) -> str:
+def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) -> str | None:
+    """The confusion matrix as a PNG, as legible as the label count allows. Returns None when plotted, else
+    why not: a plot is never worth the report, so any failure here keeps the report."""
+    n = len(labels)
+    if n > PLOT_MAX_LABELS:
+        return f"{n} labels: too many for a legible plot"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        side = min(1.2 * n + 2.5, 40.0)  # inches, capped: matplotlib refuses images past 2**16 pixels a side
+        fig, ax = plt.subplots(figsize=(side, side))
+        ax.imshow(cm, cmap="Blues")
+        if n <= PLOT_TICKS_UP_TO:
+            ax.set_xticks(range(n), labels, rotation=45 if n <= PLOT_NUMBERS_UP_TO else 90, ha="right",
+                          fontsize=None if n <= PLOT_NUMBERS_UP_TO else 5)
+            ax.set_yticks(range(n), labels, fontsize=None if n <= PLOT_NUMBERS_UP_TO else 5)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        if n <= PLOT_NUMBERS_UP_TO:
+            top = cm.max() if cm.size else 0
+            for i in range(cm.shape[0]):
+                for j in range(cm.shape[1]):
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > top / 2 else "black")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    except Exception as e:  # matplotlib's limits vary by version and backend
+        return f"the plot failed ({type(e).__name__}: {e})"
+    return None
+
+
+def markdown_report(main_report: dict[str, Any], rows: list[dict[str, Any]], extra: dict[str, Any], input_path: str, unknown: int,
+                    no_plot: str | None = None) -> str:
     lines = [f"# Evaluation of {main_report['model']} ({main_report['variant']})", "", f"Input: `{input_path}`, {main_report['rows']} rows"
              + (f"; {unknown} rows with labels the model does not know were left out" if unknown else "") + ".", ""]
     lines += ["| model | variant | accuracy | weighted F1 | macro F1 | rows/s | size (MB) |", "|---|---|---|---|---|---|---|"]
@@ -324,7 +335,8 @@ def markdown_report(main_report: dict[str, Any], rows: list[dict[str, Any]], ext
     for name, c in main_report["per_class"].items():
         lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
     labels = main_report["labels"]
-    lines += ["", "## Confusion matrix (rows: true, columns: predicted)", "", "![confusion matrix](confusion_matrix.png)", "",
+    picture = f"(no plot: {no_plot}; the counts are below and in confusion_matrix.json)" if no_plot else "![confusion matrix](confusion_matrix.png)"
+    lines += ["", "## Confusion matrix (rows: true, columns: predicted)", "", picture, "",
               "| true \\ pred | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     for name, row in zip(labels, main_report["confusion_matrix"], strict=True):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
@@ -343,34 +355,28 @@ def load_metric(name: str) -> Any:
                          "or the path of a local metric script") from e
 
 
-def label_id(raw: Any, label2id: dict[str, int]) -> int | None:
-    """A label by name, or an integer that indexes the names (hub AG News stores 0..3); None if unknown."""
-    if str(raw) in label2id:
-        return label2id[str(raw)]
-    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < len(label2id):
-        return raw
-    return None
+def error_record(item: RowError) -> dict[str, Any]:
+    return {"file": item.file, "line": item.line, "where": item.where, "error": item.message}
 
 
 def read_labeled(args: argparse.Namespace, labels: list[str]) -> tuple[list[str], list[int], list[dict[str, Any]], int]:
     """(texts, label ids, bad rows, rows with unknown labels) of the eval input."""
-    label2id = {n: i for i, n in enumerate(labels)}
-    _, rows_iter = read_rows(args.input, args.format, args.text_field, label_field=args.label_field)
+    label_map = LabelMap(labels)
+    _, rows_iter = reader.read(args.input, args.format, reader.Fields(args.text_field, args.label_field))
     texts: list[str] = []
     y: list[int] = []
     errors: list[dict[str, Any]] = []
     unknown = 0
     for item in fail_fast(rows_iter, args.input, args.on_error):
         if isinstance(item, RowError):
-            errors.append({"line": item.line, "error": item.message})
+            errors.append(error_record(item))
             if not args.quiet and args.on_error == "skip":
-                print(f"{args.input}:{item.line}: {item.message}", file=sys.stderr)
+                print(f"{item.where}: {item.message}", file=sys.stderr)
             continue
-        target = label_id(item.label, label2id)
+        target = label_map.id(item.label)
         if target is None:
             if args.unknown_labels == "error":
-                raise RowFailure(f"{args.input}:{item.line}: label {str(item.label)!r} is not one the model knows "
-                                 f"({', '.join(labels)}); --unknown-labels count leaves such rows out")
+                raise RowFailure(str(label_map.unknown(item.where, item.label, "--unknown-labels count leaves such rows out")))
             unknown += 1
             continue
         texts.append(item.text)
@@ -382,9 +388,20 @@ def read_labeled(args: argparse.Namespace, labels: list[str]) -> tuple[list[str]
 
 def cmd_eval(args: argparse.Namespace) -> int:
     report_dir = Path(args.report_dir)
-    # Refuse before any work: an existing report dir needs --overwrite and must be one serve_cli wrote.
+    # Refuse before any work: an existing report dir needs --overwrite and must be one serve_cli wrote;
+    # so must an existing errors file.
     check_replaceable(report_dir, args.overwrite, "--overwrite")
     check_not_locked(report_dir)
+    errors_out = AtomicOutput(args.errors_file, args.overwrite) if args.on_error == "record" and args.errors_file else None
+    try:
+        return run_eval(args, report_dir, errors_out)
+    except BaseException:
+        if errors_out is not None:
+            errors_out.discard()
+        raise
+
+
+def run_eval(args: argparse.Namespace, report_dir: Path, errors_out: AtomicOutput | None) -> int:
     specs = [(args.model, args.variant)] + [parse_model_spec(s) for s in args.compare]
     models = [OnnxClassifier(path, variant=v, threads=args.threads or None, max_length=args.max_length or None) for path, v in specs]
     metrics = [(name, load_metric(name)) for name in args.metric]
@@ -402,18 +419,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pred = results[0]["probs"].argmax(-1)
     extra = {name: m.compute(predictions=pred.tolist(), references=y_arr.tolist()) for name, m in metrics}
 
-    errors_out = AtomicOutput(args.errors_file, args.overwrite) if args.on_error == "record" and args.errors_file else None
     with atomic_dir(report_dir, args.overwrite, "--overwrite", "serve_cli eval report") as tmp:
         table = [r["report"] for r in results]
         (tmp / "metrics.json").write_text(json.dumps({**main_result, "extra_metrics": extra,
                                                       "compare": [{k: r[k] for k in ("model", "variant", "accuracy", "f1_weighted", "f1_macro", "rows_per_second", "bytes")} for r in table]}, indent=2))
         (tmp / "confusion_matrix.json").write_text(json.dumps({"labels": labels, "matrix": main_result["confusion_matrix"]}, indent=2))
-        plot_confusion(np.array(main_result["confusion_matrix"]), labels, tmp / "confusion_matrix.png", f"{Path(main_result['model']).resolve().parent.name}/{Path(main_result['model']).name} ({main_result['variant']})")
+        title = f"{Path(main_result['model']).resolve().parent.name}/{Path(main_result['model']).name} ({main_result['variant']})"
+        plotted = plot_confusion(np.array(main_result["confusion_matrix"]), labels, tmp / "confusion_matrix.png", title)
         with (tmp / "predictions.jsonl").open("w", encoding="utf-8") as f:
             for text, t, p in zip(texts, y_arr, results[0]["probs"], strict=True):
                 f.write(json.dumps({"text": text, "true": labels[t], "pred": labels[int(p.argmax())],
                                     "probs": {n: round(float(v), 6) for n, v in zip(labels, p, strict=True)}}, ensure_ascii=False) + "\n")
-        (tmp / "report.md").write_text(markdown_report(main_result, table, extra, args.input, unknown))
+        (tmp / "report.md").write_text(markdown_report(main_result, table, extra, args.input, unknown, plotted))
         if args.on_error == "record":
             out = errors_out.f if errors_out is not None else (tmp / "errors.jsonl").open("w", encoding="utf-8")
             out.write("".join(json.dumps(e) + "\n" for e in errors))

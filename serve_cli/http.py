@@ -303,8 +303,9 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
         batcher = Batcher(models, limits, metrics)
         batcher.start()
         state["batcher"] = batcher
-        # The first ONNX run of each session allocates; users should not wait for it.
-        await asyncio.gather(*(batcher.submit(["warm up"], True) for _ in models))
+        # The first ONNX run of each session allocates; users should not wait for it. Each worker's own
+        # session, directly: through the batcher the warm-ups could all land in one batch on one worker.
+        await asyncio.gather(*(asyncio.to_thread(m.logits, ["warm up"]) for m in models))
         state["ready"] = True
         log.info("ready: %s (%s), labels %s", clf.model_dir, clf.variant, clf.labels)
         yield
@@ -351,7 +352,8 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
     @app.get("/info")
     async def info() -> dict[str, Any]:
         return {
-            "model": str(clf.model_dir), "labels": clf.labels, "variant": clf.variant,
+            # The dir's name only: where the server keeps its files is none of a client's business.
+            "model": clf.model_dir.name, "labels": clf.labels, "variant": clf.variant,
             "quantization": (clf.report.get("quantization") or {}).get("method") if clf.variant == "int8" else None,
             "max_length": clf.max_length, "limits": asdict(limits), "version": _version(),
             "workers": len(models), "threads_per_worker": clf.threads,

@@ -20,13 +20,13 @@ written exactly once.
 from __future__ import annotations
 
 import argparse
-import csv
 import fnmatch
 import hashlib
 import io
 import json
 import logging
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from serve_cli.fsutil import atomic_dir
-from serve_cli.io import check_text
+from loraship import rows as reader
+from loraship.files import REPORT
+from loraship.fsutil import atomic_dir
 from serve_cli.runtime import (
-    REPORT,
     VARIANT_FILES,
     ModelDirError,
     OnnxClassifier,
@@ -52,11 +52,15 @@ from serve_cli.runtime import (
 ROWS_SCHEMA = [("file", "string"), ("row", "int64"), ("id", "string"), ("text", "string"), ("error", "string")]
 OUT_SCHEMA = [("file", "string"), ("row", "int64"), ("id", "string"), ("label", "string"), ("score", "float64"),
               ("top_k", "string"), ("error", "string")]
-SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+SUFFIXES = {k: v for k, v in reader.SUFFIXES.items() if v != "txt"}  # "json": JSON Lines or an array, by content
 READ_ROWS = 4096  # rows per block coming out of a reader task
 WINDOW_BATCHES = 32  # model batches per actor call, sorted by length together (the local engine's window)
 # Fault drills (tests): seconds each actor sleeps per batch, so a test can kill one mid-job.
 DELAY_ENV = "LORASHIP_RAY_BATCH_DELAY_S"
+CRASH_ENV = "LORASHIP_RAY_CRASH_ON_TEXT"  # fault drill: an actor given a batch holding this text dies
+# A batch whose actor dies (out of memory, killed) is retried on a restarted actor this many times; then
+# its rows are reported as errors and the job goes on. Actors themselves are always restarted.
+MAX_BATCH_RETRIES = 2
 
 
 class RayJobError(RuntimeError):
@@ -96,7 +100,7 @@ def list_inputs(spec: str) -> list[tuple[str, str]]:
     files = sorted((prefix + p if prefix else p, SUFFIXES[Path(p).suffix.lower()]) for p in candidates
                    if Path(p).suffix.lower() in SUFFIXES and not Path(p).name.startswith((".", "_")))
     if not files:
-        raise RayJobError(f"{spec}: no .parquet, .jsonl, .json, .csv or .tsv files found")
+        raise RayJobError(f"{spec}: no {', '.join(SUFFIXES)} files found")
     return files
 
 
@@ -119,39 +123,6 @@ def read_units(files: list[tuple[str, str]]) -> list[dict[str, Any]]:
     return units
 
 
-def _records(unit: dict[str, Any], text_field: str, id_field: str | None) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """(row number, record) or (row number, error message) for one unit: JSONL and CSV rows are numbered
-    by line, Parquet rows from 1 in the file."""
-    import pyarrow.parquet as pq
-
-    fs, path = _filesystem(unit["uri"])
-    if unit["kind"] == "parquet":
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            cols = [c for c in (text_field, id_field) if c and c in pf.schema_arrow.names]
-            table = pf.read_row_group(unit["group"], columns=cols)
-        values = {c: table.column(c).to_pylist() for c in cols}
-        for j in range(table.num_rows):
-            yield unit["first"] + j + 1, {c: v[j] for c, v in values.items()}
-        return
-    with fs.open_input_stream(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict", newline="")
-        if unit["kind"] == "jsonl":
-            for lineno, line in enumerate(text, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as e:
-                    yield lineno, f"malformed JSON: {e.msg} (column {e.colno})"
-                    continue
-                yield lineno, rec if isinstance(rec, dict) else f"expected a JSON object, got {type(rec).__name__}"
-        else:
-            reader = csv.DictReader(text, delimiter="\t" if unit["kind"] == "tsv" else ",")
-            for rec in reader:
-                yield reader.line_num, rec
-
-
 def _table(columns: dict[str, list[Any]], schema: list[tuple[str, str]]) -> Any:
     """An Arrow table with fixed column types: a block of only good rows (all-null `error`) must not get
     a `null` column type that another block contradicts."""
@@ -160,31 +131,39 @@ def _table(columns: dict[str, list[Any]], schema: list[tuple[str, str]]) -> Any:
     return pa.table({name: pa.array(columns[name], type=getattr(pa, t)()) for name, t in schema})
 
 
+def _unit_rows(unit: dict[str, Any], fields: reader.Fields) -> Iterator[tuple[int, Any, str | None, str | None]]:
+    """(row number, id, text, error) of one unit, through the one reader (loraship.rows)."""
+    fs, path = _filesystem(unit["uri"])
+    try:
+        parquet = unit["kind"] == "parquet"
+        with fs.open_input_file(path) if parquet else io.BufferedReader(fs.open_input_stream(path)) as f:  # lines: buffered
+            fmt = "auto" if unit["kind"] == "json" else unit["kind"]  # .json: JSON Lines or an array, by content
+            group = unit["group"] if unit["group"] >= 0 else None
+            for item in reader.read_stream(f, unit["uri"], fmt, fields, group, unit["first"])[1]:
+                if isinstance(item, reader.RowError):
+                    yield item.line, None, None, item.message
+                else:
+                    yield item.line, item.id, item.text, None
+    except (OSError, ValueError) as e:
+        # An unreadable file (no such column, not Parquet, I/O) is one error row naming the file.
+        yield 0, None, None, f"cannot read the rest of the file: {e}"
+
+
 def read_unit(batch: Any, text_field: str, id_field: str | None) -> Iterator[Any]:
-    """Ray Data UDF: the rows of each unit in `batch`, READ_ROWS at a time; a bad row becomes an error row."""
+    """Ray Data UDF: the rows of each unit in `batch`, READ_ROWS at a time; a bad row becomes an error row
+    with the same words as `serve_cli predict`."""
+    fields = reader.Fields(text_field, id=id_field)
     for unit in batch.to_pylist():
         out: dict[str, list[Any]] = {"file": [], "row": [], "id": [], "text": [], "error": []}
-        try:
-            for n, rec in _records(unit, text_field, id_field):
-                error = rec if isinstance(rec, str) else check_text(rec.get(text_field), text_field)
-                rid = rec.get(id_field) if id_field and isinstance(rec, dict) else None
-                if error is None and id_field and rid is None:
-                    error = f"missing field {id_field!r}"
-                out["file"].append(unit["uri"])
-                out["row"].append(n)
-                out["id"].append(str(rid) if rid is not None else f"{Path(unit['uri']).name}:{n}")
-                out["text"].append(None if error else rec[text_field])  # type: ignore[index]
-                out["error"].append(error)
-                if len(out["row"]) == READ_ROWS:
-                    yield _table(out, ROWS_SCHEMA)
-                    out = {key: [] for key in out}
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            # An unreadable file (or an undecodable line in it) is one error row naming the file.
+        for n, rid, text, error in _unit_rows(unit, fields):
             out["file"].append(unit["uri"])
-            out["row"].append(0)
-            out["id"].append(f"{Path(unit['uri']).name}:0")
-            out["text"].append(None)
-            out["error"].append(f"cannot read the rest of the file: {e}")
+            out["row"].append(n)
+            out["id"].append(str(rid) if rid is not None else f"{Path(unit['uri']).name}:{n}")
+            out["text"].append(text)
+            out["error"].append(error)
+            if len(out["row"]) == READ_ROWS:
+                yield _table(out, ROWS_SCHEMA)
+                out = {key: [] for key in out}
         if out["row"]:
             yield _table(out, ROWS_SCHEMA)
 
@@ -227,9 +206,14 @@ class Predictor:
                  batch_size: int, delay: float) -> None:
         import ray
 
-        self.dir = unpack_model(ray.get(model[0]), digest)
-        # No spinning: an actor shares its cores with Ray's own processes and the readers.
-        self.clf = OnnxClassifier(self.dir, variant=variant, threads=threads or None, max_length=max_length or None, spin=False)
+        model_dir = unpack_model(ray.get(model[0]), digest)
+        try:
+            # No spinning: an actor shares its cores with Ray's own processes and the readers. The session and
+            # tokenizer are read into memory here, so the unpacked files are removed at once: an actor that
+            # is restarted many times leaves nothing behind.
+            self.clf = OnnxClassifier(model_dir, variant=variant, threads=threads or None, max_length=max_length or None, spin=False)
+        finally:
+            shutil.rmtree(model_dir, ignore_errors=True)
         self.k = max(1, min(top_k, len(self.clf.labels)))
         self.batch_size = batch_size
         self.delay = delay
@@ -238,6 +222,8 @@ class Predictor:
         if self.delay:
             time.sleep(self.delay)
         cols = batch.to_pydict()
+        if os.environ.get(CRASH_ENV) and os.environ[CRASH_ENV] in (t or "" for t in cols["text"]):
+            os._exit(137)  # fault drill: a batch that always kills its worker, as an out-of-memory kill does
         ok = [i for i, e in enumerate(cols["error"]) if e is None]
         probs = predict_proba_sorted(self.clf, [cols["text"][i] for i in ok], self.batch_size)
         n = batch.num_rows
@@ -280,6 +266,31 @@ def _split(table: Any, errors: bool) -> Any:
     return part.select(["file", "row", "id", "error"]) if errors else part.drop_columns(["error"])
 
 
+def lost_rows(read: Any, predicted: Any) -> Any:
+    """Error rows for the rows that were read but came out of no batch (their batch kept killing its actor);
+    None when every row came out."""
+    import pyarrow as pa
+
+    if read.count() == predicted.count():
+        return None
+    keys = ["file", "row", "id"]
+    read_keys = pa.concat_tables(ray_tables(read, keys))
+    done = pa.concat_tables(ray_tables(predicted, ["file", "row"]))
+    lost = read_keys.join(done, keys=["file", "row"], join_type="left anti")
+    n = lost.num_rows
+    message = (f"the model worker died {MAX_BATCH_RETRIES + 1} times on the batch holding this row "
+               "(out of memory?); try a smaller --batch-size or more memory per actor")
+    cols = {"file": lost["file"].to_pylist(), "row": lost["row"].to_pylist(), "id": lost["id"].to_pylist(),
+            "label": [None] * n, "score": [None] * n, "top_k": [None] * n, "error": [message] * n}
+    return _table(cols, OUT_SCHEMA)
+
+
+def ray_tables(ds: Any, columns: list[str]) -> list[Any]:
+    import ray
+
+    return [t.select(columns) for t in ray.get(ds.to_arrow_refs())]
+
+
 def run_job(args: argparse.Namespace) -> dict[str, Any]:
     """Read, predict and write; returns the counts. Raises RayJobError/ModelDirError for what the user can fix."""
     start = time.perf_counter()
@@ -303,11 +314,17 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
                 logging.getLogger("ray.data").setLevel(logging.WARNING)
             actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, args.threads_per_actor))
             model_ref = ray.put(blob)
-            predicted = (
+            # Batches that keep killing their actor are dropped by Ray Data after their retries; lost_rows()
+            # then reports their rows as errors, so every row still gets an output or an error.
+            ctx.max_errored_blocks = -1
+            read = (
                 ray.data.from_items(units, override_num_blocks=len(units))
                 .map_batches(read_unit, batch_size=1, batch_format="pyarrow", num_cpus=0, max_retries=3,
                              fn_kwargs={"text_field": args.text_field, "id_field": args.id_field})
-                .map_batches(
+                .materialize()
+            )
+            predicted = (
+                read.map_batches(
                     Predictor,
                     batch_format="pyarrow",
                     batch_size=args.batch_size * WINDOW_BATCHES,  # rows sorted by length together, as the local engine
@@ -318,15 +335,18 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
                         "max_length": args.max_length, "top_k": args.top_k, "batch_size": args.batch_size,
                         "delay": float(os.environ.get(DELAY_ENV, "0") or 0),
                     },
-                    # A dead actor is restarted and its unfinished batches are resubmitted.
+                    # A dead actor is restarted and its unfinished batch resubmitted, a bounded number of times.
                     max_restarts=-1,
-                    max_task_retries=-1,
+                    max_task_retries=MAX_BATCH_RETRIES,
                 )
                 .materialize()  # computed once; the two writes below read the stored blocks
             )
+            lost = lost_rows(read, predicted)
+            if lost is not None:
+                predicted = ray.data.from_arrow([*ray.get(predicted.to_arrow_refs()), lost])
             ok = predicted.map_batches(_split, fn_kwargs={"errors": False}, batch_format="pyarrow")
             bad = predicted.map_batches(_split, fn_kwargs={"errors": True}, batch_format="pyarrow")
-            n_in, n_ok, n_err = predicted.count(), ok.count(), bad.count()
+            n_in, n_ok, n_err = read.count(), ok.count(), bad.count()
             if n_in != n_ok + n_err:
                 raise RayJobError(f"row counts do not add up: {n_in} in, {n_ok} predicted, {n_err} errors")
             if args.output_format == "jsonl":

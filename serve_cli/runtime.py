@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-REPORT = "export_report.json"
+from loraship.files import REPORT
+
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_quantized.onnx"}
+CHARS_PER_TOKEN_CAP = 64  # characters kept per token of max_length before tokenizing
+DEFAULT_BATCH_SIZE = 32  # rows per ONNX run in serve_cli predict/eval and the export gate
+WINDOW_BATCHES = 32  # rows are length-sorted within windows of this many batches: bounded memory
 
 
 class ModelDirError(ValueError):
@@ -96,8 +101,12 @@ class OnnxClassifier:
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def encode(self, texts: list[str]) -> list[Any]:
-        """Token encodings, truncated, unpadded: callers sort them by length before batching."""
-        return self.tokenizer.encode_batch(texts)
+        """Token encodings, truncated, unpadded: callers sort them by length before batching.
+
+        A 1 MB line would cost seconds to tokenize only to be truncated: characters are capped well above
+        what max_length tokens can span (every path, files and HTTP alike, goes through here)."""
+        cap = self.max_length * CHARS_PER_TOKEN_CAP
+        return self.tokenizer.encode_batch([t[:cap] for t in texts])
 
     def run(self, encodings: list[Any]) -> np.ndarray:
         """Logits for one batch of encodings, padded to the batch's longest row."""
@@ -132,12 +141,8 @@ def predict_proba_sorted(clf: OnnxClassifier, texts: list[str], batch_size: int)
 
 
 def logits_sorted(clf: OnnxClassifier, texts: list[str], batch_size: int) -> np.ndarray:
-    """Logits in input order, computed in length-sorted batches.
-
-    A 1 MB line would cost seconds to tokenize only to be truncated: characters are capped well above what
-    max_length tokens can span."""
-    char_cap = clf.max_length * 64
-    encs = clf.encode([t[:char_cap] for t in texts])
+    """Logits in input order, computed in length-sorted batches."""
+    encs = clf.encode(texts)
     order = sorted(range(len(encs)), key=lambda k: len(encs[k].ids))
     logits = np.zeros((len(encs), len(clf.labels)), dtype=np.float32)
     for b in range(0, len(order), batch_size):
@@ -150,3 +155,37 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+T = TypeVar("T")
+
+
+def predict_in_order(clf: OnnxClassifier, items: Iterable[T], batch_size: int,
+                     text: Callable[[T], str | None]) -> Iterator[tuple[T, np.ndarray | None]]:
+    """(item, probabilities) in input order; inside each window rows run in length order (less padding).
+    `text(item)` None: an item without a text (a bad row), passed through with None."""
+    buf: list[T] = []
+
+    def flush() -> Iterator[tuple[T, np.ndarray | None]]:
+        texts = [text(it) for it in buf]
+        rows = [i for i, t in enumerate(texts) if t is not None]
+        found = predict_proba_sorted(clf, [texts[i] for i in rows], batch_size)  # type: ignore[misc]
+        probs: list[np.ndarray | None] = [None] * len(buf)
+        for i, p in zip(rows, found, strict=True):
+            probs[i] = p
+        yield from zip(buf, probs, strict=True)
+
+    for item in items:
+        buf.append(item)
+        if len(buf) >= batch_size * WINDOW_BATCHES:
+            yield from flush()
+            buf = []
+    if buf:
+        yield from flush()
+
+
+def proba_in_order(clf: OnnxClassifier, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+    """Probabilities exactly as `serve_cli predict/eval` makes them (its windows, batches and batch mates)."""
+    if not texts:
+        return np.zeros((0, len(clf.labels)), dtype=np.float32)
+    return np.stack([p for _, p in predict_in_order(clf, texts, batch_size, lambda t: t)])  # type: ignore[misc]

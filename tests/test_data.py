@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from loraship.labels import LabelMap
 from trainer.data import (
     DataError,
     LengthGroupedSampler,
     encode_labels,
-    label_names,
+    label_map,
     load_rows,
     stratified_split,
 )
@@ -49,7 +50,7 @@ def test_unknown_label_names_file_line_and_label(tmp_path: Path) -> None:
     p.write_text('{"text": "a", "label": "World"}\n{"text": "b", "label": "Weather"}\n')
     rows = load_rows(str(p), "text", "label")
     with pytest.raises(DataError, match=r"val.jsonl:2: label 'Weather' is not one the model knows"):
-        encode_labels(rows, {"World": 0, "Sports": 1})
+        encode_labels(rows, LabelMap(["World", "Sports"]))
 
 
 def test_question_answer_format(tmp_path: Path) -> None:
@@ -57,7 +58,7 @@ def test_question_answer_format(tmp_path: Path) -> None:
     p.write_text("".join(json.dumps({"question": f"q {i}", "answer": "Sports" if i % 2 else "World"}) + "\n" for i in range(6)))
     rows = load_rows(str(p), "question", "answer")
     assert rows.texts[0] == "q 0" and rows.labels[:2] == ["World", "Sports"]
-    assert label_names(rows.labels, []) == ["Sports", "World"]
+    assert label_map(rows.labels, [], "d").names == ["Sports", "World"]
 
 
 def test_csv_and_parquet(tmp_path: Path) -> None:
@@ -78,7 +79,7 @@ def test_csv_and_parquet(tmp_path: Path) -> None:
 def test_integer_labels_sorted_numerically(tmp_path: Path) -> None:
     p = tmp_path / "d.jsonl"
     p.write_text("".join(json.dumps({"text": "t", "label": y}) + "\n" for y in [10, 2, 1, 2]))
-    assert label_names(load_rows(str(p), "text", "label").labels, []) == ["1", "2", "10"]
+    assert label_map(load_rows(str(p), "text", "label").labels, [], "d").names == ["1", "2", "10"]
 
 
 def test_stratified_split_is_seeded_and_per_class() -> None:
@@ -126,11 +127,11 @@ def test_integer_labels_index_the_given_names(tmp_path: Path) -> None:
     p.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 3}\n{"text": "c", "label": 4}\n')
     rows = load_rows(str(p), "text", "label")
     names = ["World", "Sports", "Business", "Sci/Tech"]
-    assert label_names(rows.labels, names) == names
+    assert label_map(rows.labels, names, "d").names == names
     with pytest.raises(DataError, match=r"d.jsonl:3: label '4' is not one the model knows.*0..3"):
-        encode_labels(rows, {n: i for i, n in enumerate(names)})
+        encode_labels(rows, LabelMap(names))
     p.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 3}\n{"text": "c", "label": "Sports"}\n')
-    assert encode_labels(load_rows(str(p), "text", "label"), {n: i for i, n in enumerate(names)}) == [0, 3, 1]
+    assert encode_labels(load_rows(str(p), "text", "label"), LabelMap(names)) == [0, 3, 1]
 
 
 def test_class_label_names_come_from_the_dataset(tmp_path: Path) -> None:

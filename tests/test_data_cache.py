@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from loraship.labels import LabelMap
 from tests.conftest import make_texts, tiny_args, write_jsonl
 from trainer import data_cache
 from trainer.data import DataError
@@ -83,21 +84,22 @@ def test_errors_keep_file_and_line_and_leave_no_cache(tmp_path: Path, tokenizer)
     v.write_text('{"text": "a", "label": "World"}\n{"text": "b", "label": 1}\n{"text": "c", "label": "Weather"}\n')
     split, _ = build(v, tokenizer, tmp_path / "cache")
     with pytest.raises(DataError, match=r"val.jsonl:3: label 'Weather' is not one the model knows"):
-        split.assign_labels({"World": 0, "Sports": 1})
-    v.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": "1"}\n')  # "1" is a string, not an index
+        split.assign_labels(LabelMap(["World", "Sports"]))
+    # One rule for integer-looking values: the string "1" is the JSON integer 1 (as a CSV cell "1" is).
+    v.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": "1"}\n{"text": "c", "label": 2}\n')
     split, _ = build(v, tokenizer, tmp_path / "cache")
-    with pytest.raises(DataError, match=r"val.jsonl:2: label '1' is not one the model knows"):
-        split.assign_labels({"World": 0, "Sports": 1})
+    with pytest.raises(DataError, match=r"val.jsonl:3: label '2' is not one the model knows.*indexes these names \(0..1\)"):
+        split.assign_labels(LabelMap(["World", "Sports"]))
     v.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": "Sports"}\n')
     split, _ = build(v, tokenizer, tmp_path / "cache")
-    split.assign_labels({"World": 0, "Sports": 1})
+    split.assign_labels(LabelMap(["World", "Sports"]))
     assert split.labels().tolist() == [0, 1]
 
 
 def test_csv_integer_labels_index_names(tmp_path: Path, tokenizer) -> None:
     (tmp_path / "d.csv").write_text("text,label\nhello there,1\nworld news,0\nmore,Sports\n")
     split, _ = build(tmp_path / "d.csv", tokenizer, tmp_path / "cache")
-    split.assign_labels({"World": 0, "Sports": 1})
+    split.assign_labels(LabelMap(["World", "Sports"]))
     assert split.labels().tolist() == [1, 0, 1]
     assert split.table.column("line").to_pylist() == [2, 3, 4]
 
@@ -112,7 +114,7 @@ def test_memory_stays_flat_in_the_row_count(tmp_path: Path, tokenizer, monkeypat
         tracemalloc.start()
         data_cache.build_split(str(f), "text", "label", encoder, tmp_path / str(n), progress=False)
         split = data_cache.load_split(tmp_path / str(n), str(f))
-        split.assign_labels({name: i for i, name in enumerate(["World", "Sports", "Business", "Sci/Tech"])})
+        split.assign_labels(LabelMap(["World", "Sports", "Business", "Sci/Tech"]))
         lengths = split.lengths()
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
@@ -163,7 +165,7 @@ def test_batches_are_fetched_across_record_batches(tmp_path: Path, tokenizer, mo
     f = write_jsonl(tmp_path / "d.jsonl", rows)
     split, _ = build(f, tokenizer, tmp_path / "cache")
     assert split.table.column("input_ids").num_chunks == 8
-    split.assign_labels({name: i for i, name in enumerate(["World", "Sports", "Business", "Sci/Tech"])})
+    split.assign_labels(LabelMap(["World", "Sports", "Business", "Sci/Tech"]))
     part = split.select(np.array([49, 0, 13, 7, 6, 48, 21]))
     items = part.__getitems__(list(range(7)))
     want = tokenizer([rows[i][0] for i in (49, 0, 13, 7, 6, 48, 21)], truncation=True, max_length=32)["input_ids"]

@@ -88,6 +88,7 @@ def test_endpoints(fp32_server: Server, exported: Path) -> None:
     assert info["labels"] == ["Business", "Sci/Tech", "Sports", "World"] and info["variant"] == "fp32"
     assert info["max_length"] == 32 and info["limits"]["max_client_batch_size"] == 256 and info["version"]
     assert info["limits"]["max_batch_size"] == 32 and info["workers"] * info["threads_per_worker"] >= 1
+    assert info["model"] == exported.name and str(exported.parent) not in json.dumps(info), "no server paths in /info"
     assert httpx.get(f"{url}/docs").status_code == 200 and "/predict" in httpx.get(f"{url}/openapi.json").text
     page = httpx.get(f"{url}/")
     assert page.status_code == 200 and 'id="top-label"' in page.text
@@ -302,3 +303,28 @@ def test_model_workers_split_the_threads() -> None:
     assert worker_threads(1, 0) == (1, 1)
     assert worker_threads(4, 1) == (1, 4)
     assert worker_threads(3, 4) == (4, 1)  # never fewer than one thread per worker
+
+
+def test_warm_up_runs_every_worker_and_http_texts_get_the_file_character_cap(exported: Path) -> None:
+    """Each worker's session runs once before the server is ready; a huge text sent over HTTP is cut to the
+    same characters as in a file before tokenizing (the cap lives in the classifier, for every path)."""
+    from starlette.testclient import TestClient
+
+    import serve_cli.http as http
+
+    workers = [OnnxClassifier(exported, variant="fp32") for _ in range(3)]
+    seen: dict[int, list[int]] = {id(w): [] for w in workers}
+    for w in workers:
+        real = w.tokenizer.encode_batch
+
+        def spy(texts: list[str], _w=w, _real=real) -> list:
+            seen[id(_w)].extend(len(t) for t in texts)
+            return _real(texts)
+
+        w.tokenizer = type("Spy", (), {"encode_batch": staticmethod(spy)})()
+    with TestClient(http.create_app(workers[0], more_workers=workers[1:])) as client:
+        assert all(seen[id(w)] for w in workers), "a worker was not warmed up"
+        huge = "word " * 200_000
+        assert client.post("/predict", json={"inputs": huge}).status_code == 200
+    cap = workers[0].max_length * 64
+    assert max(n for lengths in seen.values() for n in lengths) == cap

@@ -159,11 +159,11 @@ def test_bad_rows_become_error_rows_and_counts_add_up(cluster: str, exported: Pa
     errors = [json.loads(x) for p in sorted((out / "errors").glob("*.json*")) for x in p.read_text().splitlines()]
     got = {(Path(e["file"]).name, e["row"]): e["error"] for e in errors}
     assert got == {
-        ("a.jsonl", 2): "missing field 'text'",
-        ("a.jsonl", 3): "missing field 'text'",
+        ("a.jsonl", 2): "missing field 'text' (fields: txt)",
+        ("a.jsonl", 3): "missing field 'text' (null)",
         ("a.jsonl", 4): "field 'text' must be a string, got int",
         ("a.jsonl", 6): "malformed JSON: Unterminated string starting at (column 10)",
-        ("b.parquet", 2): "missing field 'text'",
+        ("b.parquet", 2): "missing field 'text' (null)",
         ("b.parquet", 3): "field 'text' is empty",
         ("c.csv", 3): "field 'text' is empty",
     }

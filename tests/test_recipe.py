@@ -96,10 +96,27 @@ def test_auto_epochs_and_early_stopping_in_a_run(tiny_bert: Path, tmp_path: Path
     assert r2["patience"] == 0 and r2["epochs"] == 2 and "early_stopped_at_step" not in r2
 
 
-def test_time_budget_fixes_the_steps_and_the_schedule_ends_there(tiny_bert: Path, tmp_path: Path) -> None:
+def test_time_budget_fixes_the_steps_and_the_schedule_ends_there(tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.train as train
+
+    # The loop's clock is driven by the work done, not the wall: each training micro-batch takes 40 ms and
+    # each evaluation 50 ms of it, however loaded the machine is. 3,000 steps cannot fit in 3 seconds.
+    now = [0.0]
+    real_loss, real_evaluate = train.training_loss, train.evaluate
+
+    def loss(*args: Any, **kwargs: Any) -> Any:
+        now[0] += 0.04
+        return real_loss(*args, **kwargs)
+
+    def evaluate(*args: Any, **kwargs: Any) -> Any:
+        now[0] += 0.05
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "clock", lambda: now[0])
+    monkeypatch.setattr(train, "training_loss", loss)
+    monkeypatch.setattr(train, "evaluate", evaluate)
     write_jsonl(tmp_path / "train.jsonl", make_texts(64, seed=5))
     run = tmp_path / "run"
-    # 500 epochs (3,000 steps) cannot fit in 3 seconds on any machine: the budget ends the run.
     assert main(tiny_args(tiny_bert, tmp_path, run, "train.epochs=500", "train.time_budget_minutes=0.05", "train.warmup_ratio=0.1")) == 0
     summary = json.loads((run / "summary.json").read_text())
     plan, cap = summary["recipe"]["time_budget"], summary["recipe"]["steps"]
@@ -111,6 +128,8 @@ def test_time_budget_fixes_the_steps_and_the_schedule_ends_there(tiny_bert: Path
     # The schedule was fitted to the plan: it decays to zero at the planned last step, not at the cap.
     assert lrs[summary["steps"]] == 0.0
     assert max(lrs.values()) > 0.005
+    # About 3 s / 40 ms steps, less the evaluations: the plan follows the measured step cost.
+    assert 50 <= summary["steps"] <= 75 and plan["step_seconds"] == pytest.approx(0.04)
 
 
 def test_step_flops_count_frozen_and_trainable_linear_weights() -> None:

@@ -221,7 +221,7 @@ def test_eval_report_matches_sklearn_and_compares_variants(exported: Path, toy_d
     metric.write_text(METRIC_SCRIPT)
     rep = tmp_path / "report"
     assert main(["eval", "--model", str(exported), "--input", str(toy_data / "test.jsonl"), "--report-dir", str(rep),
-                 "--variant", "int8", "--compare", f"{exported}@fp32", "--metric", str(metric), "--quiet"]) == 0
+                 "--variant", "int8", "--compare", f"{exported}@fp32", "--metric", str(metric), "--allow-metric-code", "--quiet"]) == 0
     assert sorted(p.name for p in rep.iterdir()) == [".loraship", "confusion_matrix.json", "confusion_matrix.png", "metrics.json", "predictions.jsonl", "report.md"]
     assert (rep / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     m = json.loads((rep / "metrics.json").read_text())
@@ -255,7 +255,8 @@ def test_eval_unknown_label_and_bad_metric(exported: Path, tmp_path: Path, capsy
     assert main(["eval", "--model", str(exported), "--input", str(src), "--report-dir", str(tmp_path / "r2"), "--unknown-labels", "count", "--quiet"]) == 0
     m = json.loads((tmp_path / "r2" / "metrics.json").read_text())
     assert m["rows"] == 1 and m["unknown_labels"] == 1
-    assert main(["eval", "--model", str(exported), "--input", str(src), "--report-dir", str(tmp_path / "r3"), "--metric", str(tmp_path / "nometric.py")]) == 1
+    assert main(["eval", "--model", str(exported), "--input", str(src), "--report-dir", str(tmp_path / "r3"), "--metric", str(tmp_path / "nometric.py"),
+                 "--allow-metric-code"]) == 1
     assert "metric" in capsys.readouterr().err and not (tmp_path / "r3").exists()
 
 
@@ -269,7 +270,7 @@ def test_info(exported: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_order_across_several_windows_with_mixed_lengths(exported: Path, tmp_path: Path) -> None:
-    from serve_cli.__main__ import WINDOW_BATCHES
+    from serve_cli.runtime import WINDOW_BATCHES
 
     rows = make_texts(2 * 2 * WINDOW_BATCHES + 37, seed=11, min_words=1, max_words=60)  # > 2 windows at batch size 2
     src = write_lines(tmp_path / "in.jsonl", [json.dumps({"text": t, "id": i}) for i, (t, _) in enumerate(rows)])
@@ -366,7 +367,7 @@ def test_outputs_get_the_usual_permissions(exported: Path, toy_data: Path, tmp_p
 
 
 def test_no_output_into_a_run_dir_that_is_training(exported: Path, toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from serve_cli.fsutil import RunDirLock
+    from loraship.fsutil import RunDirLock
 
     run = tmp_path / "run"
     with RunDirLock(run, "training"):
@@ -378,8 +379,49 @@ def test_no_output_into_a_run_dir_that_is_training(exported: Path, toy_data: Pat
     assert main(["predict", "--model", str(exported), "--input", str(toy_data / "test.jsonl"), "--output", str(run / "p.jsonl"), "--quiet"]) == 0
 
 
-def test_json_array_input_is_a_clear_error(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_array_input_is_read_like_the_trainer_reads_it(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "in.json"
-    src.write_text(json.dumps([{"text": "a"}]))
-    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(tmp_path / "o.jsonl")]) == 1
-    assert "serve_cli streams JSON Lines" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
+    src.write_text(json.dumps([{"text": "a b"}, {"txt": "no text"}, {"text": "c"}]))
+    assert main(["predict", "--model", str(exported), "--input", str(src), "--output", str(tmp_path / "o.jsonl"),
+                 "--on-error", "skip"]) == 0
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 2
+    assert f"{src} item 2: missing field 'text'" in capsys.readouterr().err
+
+
+def test_eval_metric_runs_code_only_when_allowed(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a b c", "label": "World"}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(exported), "--input", str(data), "--report-dir", str(tmp_path / "r"), "--metric", "accuracy"])
+    assert e.value.code == 2
+    assert "--allow-metric-code" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_eval_checks_the_errors_file_before_any_inference(exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import serve_cli.__main__ as cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a b c", "label": "World"}\n')
+    (tmp_path / "errors.jsonl").write_text("mine\n")
+
+    def no_inference(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the outputs were checked")
+
+    monkeypatch.setattr(cli, "OnnxClassifier", no_inference)
+    code = main(["eval", "--model", str(exported), "--input", str(data), "--report-dir", str(tmp_path / "r"),
+                 "--on-error", "record", "--errors-file", str(tmp_path / "errors.jsonl")])
+    assert code == 1 and "output exists" in capsys.readouterr().err
+    assert (tmp_path / "errors.jsonl").read_text() == "mine\n" and not (tmp_path / "r").exists()
+
+
+def test_a_confusion_plot_of_many_labels_never_costs_the_report(tmp_path: Path) -> None:
+    from serve_cli.__main__ import markdown_report, plot_confusion
+
+    many = [f"label_{i}" for i in range(600)]
+    reason = plot_confusion(np.eye(600, dtype=np.int64), many, tmp_path / "big.png", "600 labels")
+    assert reason and not (tmp_path / "big.png").exists()
+    assert plot_confusion(np.eye(60, dtype=np.int64), many[:60], tmp_path / "mid.png", "60 labels") is None
+    assert (tmp_path / "mid.png").stat().st_size > 0
+    report = {"model": "m", "variant": "fp32", "rows": 1, "per_class": {}, "labels": ["a"], "confusion_matrix": [[1]]}
+    assert "no plot: 600 labels" in markdown_report(report, [], {}, "in.jsonl", 0, reason)

@@ -167,3 +167,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_bert: Path, t
     assert ckpts and all(math.isfinite(x) for x in _train_losses(run))
     state = json.loads((run / "checkpoints" / ckpts[-1] / "train_state.json").read_text())
     assert f"non-finite loss at step {state['global_step'] + 1}" in err
+
+
+def test_an_exported_accelerate_variable_does_not_make_a_plain_run_a_launched_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export ACCELERATE_MIXED_PRECISION=bf16; nohup python trainer/train.py ...`: the parent shell exits, and
+    a run that believed it was launched would stop as "launcher gone"."""
+    from trainer.train import launched_by_accelerate
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    for name in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU"):
+        monkeypatch.setenv(name, "bf16" if "PRECISION" in name else "true")
+    assert launched_by_accelerate() is False
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert launched_by_accelerate() is True

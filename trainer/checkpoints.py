@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from loraship.fsutil import swap_in
+
 STATE_FILE = "train_state.json"
 BEST_ADAPTER = "best_adapter"
 _NAME = re.compile(r"step_(\d+)")
@@ -57,10 +59,10 @@ def finish(root: Path, step: int, state: dict[str, Any], adapter_dir: Path, keep
         # The best adapter so far travels with the checkpoint: a resumed run restores it with the state.
         shutil.copytree(adapter_dir, tmp / BEST_ADAPTER)
     (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")  # written last: marks completeness
+    # A step_N left by an earlier timeline of this run (resumed from an older checkpoint) is swapped out,
+    # never removed first: a complete step_N exists at every moment.
+    swap_in(tmp, checkpoint_dir(root, step))
     final = checkpoint_dir(root, step)
-    if final.exists():  # left by an earlier timeline of this run (resumed from an older checkpoint)
-        shutil.rmtree(final)
-    tmp.rename(final)
     complete, _ = scan(root)
     for _, old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -157,7 +157,7 @@ class TrainConfig:
     warmup_ratio: float = field(default=0.06, metadata={"doc": "Share of optimizer steps with linear warmup."})
     scheduler: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"doc": "Decay after warmup."})
     max_grad_norm: float = field(default=1.0, metadata={"doc": "Gradient clipping norm; 0 = off."})
-    seed: int = field(default=42, metadata={"doc": "Seed for data order, splits, init and dropout."})
+    seed: int = field(default=42, metadata={"doc": "Seed for data order, splits, init and dropout (0 to 2**32 - 1)."})
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
         default="auto",
         metadata={
@@ -171,7 +171,8 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"doc": "Newest checkpoints kept; older ones are deleted."})
     patience: int | Literal["auto"] = field(
         default="auto",
-        metadata={"doc": "Stop after this many evaluations without improvement (0 = never). 'auto': 3 when epochs is auto, else 0."},
+        metadata={"doc": "Stop after this many evaluations without improvement (0 = never). 'auto': with epochs auto, "
+                  "the evaluations of 3 epochs (3, or more with train.eval_every), else 0."},
     )
     class_weights: Literal["none", "auto"] = field(
         default="none",
@@ -185,6 +186,11 @@ class TrainConfig:
     )
     eval_baseline: bool = field(default=False, metadata={"doc": "Evaluate the untrained model (random head) before training."})
     resume: str = field(default="", metadata={"doc": "'latest' or a checkpoint dir to continue from; empty = fresh run."})
+    resume_changed: bool = field(
+        default=False,
+        metadata={"doc": "Resume even when labels, data or settings that decide a step (batch size, lr, model, LoRA...) "
+                  "differ from the checkpoint's; off, such a resume stops and names the differences."},
+    )
     cpu_threads: int = field(
         default=0,
         metadata={
@@ -205,10 +211,11 @@ class OutputConfig:
     overwrite: bool = field(default=False, metadata={"doc": "Replace an existing run dir (otherwise it is an error unless resuming)."})
     tensorboard: bool = field(default=True, metadata={"doc": "Also log to TensorBoard under run_dir/tb when tensorboard is installed."})
     embed_sample_texts: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "doc": "Keep 32 validation texts in adapter/loraship.json for the export's parity checks. false: "
-            "the adapter holds no training text (the export then checks parity on --eval-file rows or generated texts)."
+            "doc": "Keep 32 validation texts in adapter/loraship.json for the export's parity checks. Off by default: "
+            "adapters are what people share, and they then hold no training text (the export checks parity on "
+            "--eval-file rows or texts generated from the vocabulary)."
         },
     )
 
@@ -349,6 +356,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         (cfg.train.patience == "auto" or cfg.train.patience >= 0, "train.patience: expected >= 0 or auto"),
         (cfg.train.log_every >= 1, "train.log_every: expected >= 1"),
         (cfg.train.cpu_threads >= 0, "train.cpu_threads: expected >= 0"),
+        (0 <= cfg.train.seed < 2**32, f"train.seed: got {cfg.train.seed}; expected an integer from 0 to 4294967295"),
     ]
     problems.extend(msg for ok, msg in checks if not ok)
 
@@ -422,6 +430,7 @@ def shareable_config(cfg: Config) -> dict[str, Any]:
             d["data"][split] = Path(value).name
     d["output"]["run_dir"] = Path(d["output"]["run_dir"]).name
     d["train"]["resume"] = ""
+    d["train"]["resume_changed"] = False
     return d
 
 

@@ -32,9 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from torch.utils.data import Dataset
 
-from trainer.data import BATCH_ROWS, Label, Source, iter_rows, label_id, unknown_label
+from loraship.labels import LabelMap
+from loraship.rows import list_files, where
+from trainer.data import BATCH_ROWS, UNKNOWN_FIX, DataError, Label, iter_rows
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 TOKENS_FILE = "tokens.arrow"
 TEXTS_FILE = "texts.arrow"
 # Rows per Arrow record batch on disk: a training batch reads each of its rows' record batches with a plain
@@ -57,7 +59,7 @@ class TokenizedSplit(Dataset):
     process. Rows (token ids for a batch, texts) are read record batch by record batch with plain reads,
     transiently: RSS stays flat however many rows an epoch touches."""
 
-    def __init__(self, directory: Path, source: Source, info: dict[str, Any], rows: np.ndarray | None = None,
+    def __init__(self, directory: Path, source: str, info: dict[str, Any], rows: np.ndarray | None = None,
                  label_ids: np.ndarray | None = None) -> None:
         self.directory = directory
         # Memory-mapped: pages come from the OS page cache, shared by every process that maps the file.
@@ -66,6 +68,7 @@ class TokenizedSplit(Dataset):
         self.info = info
         self.rows = np.arange(self.table.num_rows, dtype=np.int64) if rows is None else rows
         self.label_ids = label_ids
+        self.fingerprint = ""  # the source's (file bytes or hub dataset), set by load_or_build
         self.starts = np.cumsum([0] + [len(c) for c in self.table.column("length").chunks])
         self._readers: dict[str, Any] = {}
 
@@ -123,26 +126,24 @@ class TokenizedSplit(Dataset):
         part._readers = {}
         return part
 
-    def assign_labels(self, label2id: dict[str, int]) -> None:
-        """Label ids for every row, mapped per distinct label; an unknown one names its first file:line."""
+    def where(self, file_row: int) -> str:
+        """`file:line` (or `file row N`) of a row of the file, for messages."""
+        line, file_index = (self._take(TOKENS_FILE, c, np.array([file_row]))[0] for c in ("line", "file"))
+        return where(self.info["files"][file_index], line, self.info["unit"])
+
+    def assign_labels(self, labels: LabelMap) -> None:
+        """Label ids for every row, mapped per distinct label (loraship.labels' rule); an unknown one names
+        its first file:line."""
         col = self.table.column("label")
         codes = pc.dictionary_encode(col).combine_chunks() if col.num_chunks else pa.array([], pa.dictionary(pa.int32(), pa.string()))
-        is_int = pc.is_valid(self.table.column("label_int")).to_numpy(zero_copy_only=False)
         lut = np.empty(len(codes.dictionary), dtype=np.int64)
         index = codes.indices.to_numpy(zero_copy_only=False)
         for k, value in enumerate(codes.dictionary.to_pylist()):
-            rows_k = index == k
-            as_str = label_id(value, label2id)
-            as_int = label_id(int(value), label2id) if value.lstrip("-").isdigit() else None
-            # A name matches as written; a number only indexes the names where it was an integer.
-            if as_str is not None:
-                lut[k] = as_str
-            elif as_int is not None and is_int[rows_k].all():
-                lut[k] = as_int
-            else:
-                bad = np.flatnonzero(rows_k & ~is_int) if as_int is not None else np.flatnonzero(rows_k)
-                line = self._take(TOKENS_FILE, "line", bad[:1])[0]
-                raise unknown_label(self.source.where(line), value, label2id)
+            found = labels.id(value)
+            if found is None:
+                first = int(np.flatnonzero(index == k)[0])
+                raise DataError(str(labels.unknown(self.where(first), value, UNKNOWN_FIX)))
+            lut[k] = found
         self.label_ids = lut[index]
 
 
@@ -167,8 +168,13 @@ def source_fingerprint(source: str) -> str:
         name, _, split = source[4:].partition(":")
         return f"hub:{name}:{split}:" + datasets.load_dataset(name, split=split or "train")._fingerprint
     path = Path(source)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for p in list_files(path):
+            h.update(f"{p.relative_to(path)}\0{file_fingerprint(p)}\0".encode())
+        return "dir:sha256:" + h.hexdigest()
     if not path.is_file():
-        iter_rows(source, "", "")  # raises the usual 'data file not found' error
+        next(iter_rows(source, "x", "x"))  # raises the reader's 'data file not found' error
     return file_fingerprint(path)
 
 
@@ -199,13 +205,15 @@ def make_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], tuple
     return slow
 
 
-def _record_batches(lines: list[int], texts: list[str], labels: list[Label], encoder: Callable[..., Any]) -> tuple[pa.RecordBatch, pa.RecordBatch]:
-    """(tokens, texts) record batches of the same rows."""
+def _record_batches(lines: list[int], files: list[int], texts: list[str], labels: list[Label],
+                    encoder: Callable[..., Any]) -> tuple[pa.RecordBatch, pa.RecordBatch]:
+    """(tokens, texts) record batches of the same rows. A label is kept as text: the label map treats a JSON
+    integer and the same digits in a CSV cell alike."""
     ids, types = encoder(texts)
     cols = {
         "label": pa.array([str(x) for x in labels], pa.string()),
-        "label_int": pa.array([x if isinstance(x, int) else None for x in labels], pa.int64()),
         "line": pa.array(lines, pa.int64()),
+        "file": pa.array(files, pa.int32()),
         "input_ids": pa.array(ids, pa.list_(pa.int32())),
         "length": pa.array([len(x) for x in ids], pa.int32()),
     }
@@ -219,22 +227,25 @@ def build_split(source: str, text_field: str, label_field: str, encoder: Callabl
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    src, rows = iter_rows(source, text_field, label_field)
     out.mkdir(parents=True)
     distinct: dict[Label, None] = {}
+    files: dict[str, int] = {}
+    unit = "line"
     n = 0
     writers: list[Any] = []
-    buf: tuple[list[int], list[str], list[Label]] = ([], [], [])
-    bar = tqdm(desc=f"tokenizing {Path(src.name).name}", unit=" rows", disable=not progress, mininterval=2.0)
+    buf: tuple[list[int], list[int], list[str], list[Label]] = ([], [], [], [])
+    bar = tqdm(desc=f"tokenizing {Path(source).name}", unit=" rows", disable=not progress, mininterval=2.0)
     with (out / TOKENS_FILE).open("wb") as tokens, (out / TEXTS_FILE).open("wb") as texts:
-        for line, text, label in rows:
-            buf[0].append(line)
-            buf[1].append(text)
-            buf[2].append(label)
-            distinct.setdefault(label)
+        for row in iter_rows(source, text_field, label_field):
+            unit = row.unit
+            buf[0].append(row.line)
+            buf[1].append(files.setdefault(row.file, len(files)))
+            buf[2].append(row.text)
+            buf[3].append(row.label)
+            distinct.setdefault(row.label)
             if len(buf[0]) == BATCH_ROWS:
                 writers = _write(writers, (tokens, texts), _record_batches(*buf, encoder))
-                n, buf = n + BATCH_ROWS, ([], [], [])
+                n, buf = n + BATCH_ROWS, ([], [], [], [])
                 bar.update(BATCH_ROWS)
         if buf[0]:
             writers = _write(writers, (tokens, texts), _record_batches(*buf, encoder))
@@ -245,7 +256,8 @@ def build_split(source: str, text_field: str, label_field: str, encoder: Callabl
     bar.close()
     info = {
         "rows": n,
-        "unit": src.unit,
+        "unit": unit,
+        "files": list(files),
         "labels": list(distinct)[:100_000],
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -263,7 +275,7 @@ def _write(writers: list[Any], sinks: tuple[Any, Any], batches: tuple[pa.RecordB
 
 def load_split(directory: Path, source: str) -> TokenizedSplit:
     info = json.loads((directory / META_FILE).read_text())
-    return TokenizedSplit(directory, Source(source, info["unit"]), info)
+    return TokenizedSplit(directory, source, info)
 
 
 def _remove_stale_partials(root: Path, key: str) -> None:
@@ -291,7 +303,9 @@ def load_or_build(source: str, text_field: str, label_field: str, max_length: in
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
     target = root / key
     if (target / META_FILE).is_file():
-        return load_split(target, source), "hit"
+        split = load_split(target, source)
+        split.fingerprint = parts["source"]
+        return split, "hit"
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(root, key)
     tmp = root / f".{key}.{os.getpid()}.partial"
@@ -306,5 +320,7 @@ def load_or_build(source: str, text_field: str, label_field: str, max_length: in
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_split(target, source), "built"
+    split = load_split(target, source)
+    split.fingerprint = parts["source"]
+    return split, "built"
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from loraship.files import ADAPTER_META
 from trainer.config import DEFAULT_MODEL, LoraConfig, ModelConfig
 
 # Attention query/value per architecture: what `target_modules: [auto]` adapts (the classic LoRA recipe).
@@ -35,7 +36,6 @@ HEAD_MODULES: dict[str, list[str]] = {
     "deberta": ["pooler", "classifier"],
 }
 
-ADAPTER_META = "loraship.json"
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -23,7 +23,14 @@ import numpy as np
 PRESENTATIONS_PER_LABEL = 1000
 AUTO_MIN_EPOCHS = 2
 AUTO_MAX_EPOCHS = 20
-AUTO_PATIENCE = 3
+AUTO_PATIENCE = 3  # epochs without improvement
+
+
+def auto_patience(steps_per_epoch: int, eval_every: int) -> tuple[int, str]:
+    """`train.patience: auto` with `epochs: auto`: AUTO_PATIENCE epochs' worth of evaluations (patience
+    counts evaluations; with train.eval_every an epoch holds several)."""
+    per_epoch = math.ceil(steps_per_epoch / eval_every) if 0 < eval_every < steps_per_epoch else 1
+    return AUTO_PATIENCE * per_epoch, f"{AUTO_PATIENCE} epochs without improvement ({per_epoch} evaluations per epoch)"
 
 
 def auto_epochs(rows: int, label_counts: np.ndarray) -> tuple[int, str]:

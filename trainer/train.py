@@ -33,8 +33,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from export.common import CALIBRATION_FILE, VALIDATION_FILE
-from serve_cli.fsutil import OWNER_MARKER, OutputError, RunDirLock, is_owned, mark_owned
+from loraship.files import CALIBRATION_FILE, VALIDATION_FILE
+from loraship.fsutil import (
+    OWNER_MARKER,
+    OutputError,
+    RunDirLock,
+    is_owned,
+    mark_owned,
+    swap_in,
+    temp_dir_beside,
+)
 from trainer import checkpoints, mfu, recipe
 from trainer.config import (
     Config,
@@ -50,7 +58,7 @@ from trainer.data import (
     DataError,
     LengthGroupedSampler,
     ShuffleSampler,
-    label_names,
+    label_map,
     make_collate,
     steps_per_epoch,
     stratified_split,
@@ -71,6 +79,11 @@ from trainer.quiet import quiet_third_party
 
 class TrainingError(RuntimeError):
     pass
+
+
+# The loop's clock: the time budget, evaluation and checkpoint costs are read from it. Tests drive the
+# budget with a clock of their own, so no decision depends on how loaded the machine is.
+clock = time.perf_counter
 
 
 class TrainState:
@@ -199,10 +212,10 @@ def load_splits(run: Run) -> dict[str, str]:
 
     train, status = split(data_cfg.train)
     report = {"train": status}
-    run.labels = label_names(train.info["labels"], data_cfg.labels)
+    label2id = label_map(train.info["labels"], data_cfg.labels, train.source)
+    run.labels = label2id.names
     if len(run.labels) < 2:
-        raise DataError(f"{train.source.name}: found a single label {run.labels}; a classifier needs at least two")
-    label2id = {name: i for i, name in enumerate(run.labels)}
+        raise DataError(f"{train.source}: found a single label {run.labels}; a classifier needs at least two")
     train.assign_labels(label2id)
     splits: dict[str, TokenizedSplit] = {}
     if data_cfg.validation:
@@ -285,8 +298,16 @@ def log_line(path: Path, record: dict[str, Any]) -> None:
 
 
 def launched_by_accelerate() -> bool:
-    """Workers of `accelerate launch` / torchrun: their launcher is their parent process."""
-    return any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU"))
+    """Workers of `accelerate launch` / torchrun: their launcher is their parent process. Decided from the
+    parent itself: an ACCELERATE_* variable exported in a shell does not make a plain `python
+    trainer/train.py` (under nohup, whose parent shell exits) a launched worker."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun and accelerate's multi-process launch
+        return True
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return ("accelerate" in parent and "launch" in parent) or "torchrun" in parent or "torch.distributed.run" in parent
 
 
 # --- setup ---------------------------------------------------------------------------------------------
@@ -319,16 +340,16 @@ def make_accelerator(cfg: Config, mixed_precision: str) -> Any:
     return accelerator
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path) -> tuple[Path | None, list[str]]:
-    """Main process, holding the lock: decide fresh / overwrite / resume. Returns (checkpoint to resume, notes)."""
+def _check_run_dir(cfg: Config, run_dir: Path) -> tuple[Path | None, list[str]]:
+    """Main process, holding the lock: decide fresh / overwrite / resume. Nothing is written or removed here:
+    an old run is replaced only once the new one has passed every check (start_run)."""
     ckpt_root = run_dir / "checkpoints"
     if cfg.train.resume:
         found, notes = checkpoints.latest(ckpt_root) if cfg.train.resume == "latest" else (Path(cfg.train.resume), [])
         if found is None or not (found / checkpoints.STATE_FILE).is_file():
             raise TrainingError(f"train.resume={cfg.train.resume}: no complete checkpoint found (looked in {ckpt_root})")
-        checkpoints.remove_partials(ckpt_root)
         return found, notes
-    content = [p for p in run_dir.iterdir() if p.name not in (".lock", OWNER_MARKER)]
+    content = [p for p in run_dir.iterdir() if p.name not in (".lock", OWNER_MARKER)] if run_dir.is_dir() else []
     if content and not cfg.output.overwrite:
         raise TrainingError(
             f"{run_dir}: run dir exists; pass train.resume=latest to continue it, output.overwrite=true to replace it, "
@@ -339,13 +360,11 @@ def _prepare_run_dir(cfg: Config, run_dir: Path) -> tuple[Path | None, list[str]
             f"{run_dir}: output.overwrite=true only replaces a run dir that loraship wrote (no {OWNER_MARKER} "
             "marker in it); remove it yourself or choose another output.run_dir"
         )
-    for p in content:
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     return None, []
 
 
 def claim_run_dir(cfg: Config, accelerator: Any) -> tuple[RunDirLock | None, Path | None]:
-    """Lock the run dir (main process), check it, write config.yaml; every rank learns the outcome."""
+    """Lock the run dir (main process) and decide what this run does with it; every rank learns the outcome."""
     from accelerate.utils import broadcast_object_list
 
     run_dir = Path(cfg.output.run_dir)
@@ -356,11 +375,9 @@ def claim_run_dir(cfg: Config, accelerator: Any) -> tuple[RunDirLock | None, Pat
             lock = RunDirLock(run_dir, "training").acquire()
             if lock.stale_holder:
                 print(f"note: took over the stale lock of {lock.stale_holder} (it is no longer running)", file=sys.stderr)
-            resume_from, notes = _prepare_run_dir(cfg, run_dir)
+            resume_from, notes = _check_run_dir(cfg, run_dir)
             for note in notes:
                 print(f"note: {note}", file=sys.stderr)
-            mark_owned(run_dir, "run dir")
-            save_config(cfg, run_dir / "config.yaml")
             outcome = [None, str(resume_from) if resume_from else None]
         except (OutputError, TrainingError) as e:
             outcome = [str(e), None]
@@ -373,6 +390,90 @@ def claim_run_dir(cfg: Config, accelerator: Any) -> tuple[RunDirLock | None, Pat
     return lock, Path(outcome[1]) if outcome[1] else None
 
 
+def start_run(run: Run, resume_from: Path | None) -> None:
+    """The run has passed its checks (config, data, model, resume): now the run dir becomes this run's. An old
+    run is removed (output.overwrite), config.yaml and the selection data are written."""
+    cfg, acc = run.cfg, run.accelerator
+    if acc.is_main_process:
+        if resume_from is None:
+            keep = {".lock", OWNER_MARKER}
+            if not cfg.data.cache:
+                keep.add(data_cache_root(cfg).name)  # this run's own tokenized data, built in load_data
+            for p in run.run_dir.iterdir():
+                if p.name not in keep:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        else:
+            checkpoints.remove_partials(run.ckpt_root)
+        mark_owned(run.run_dir, "run dir")
+        save_config(cfg, run.run_dir / "config.yaml")
+        save_selection_data(run)
+    acc.wait_for_everyone()
+
+
+# Settings a resumed run may change: where things go, how often it logs and saves, how long it trains.
+# Everything else (labels, data, batch size, model, LoRA, optimizer...) decides what a step does.
+RESUME_MAY_CHANGE = {
+    "output.run_dir", "output.overwrite", "output.tensorboard", "output.embed_sample_texts",
+    "train.resume", "train.resume_changed", "train.cpu_threads", "train.log_every", "train.keep_checkpoints",
+    "train.save_every", "train.eval_batch_size", "train.eval_baseline", "train.epochs", "train.max_steps",
+    "train.time_budget_minutes", "train.patience",
+    "data.train", "data.validation", "data.test", "data.data_dir", "data.cache", "data.cache_dir",
+}
+RESUME_KEY = "resume_key.json"
+
+
+def resume_key(run: Run) -> dict[str, Any]:
+    """What a checkpoint must share with a run that resumes it: settings, labels, data and processes."""
+    flat = {f"{section}.{k}": v for section, values in shareable_config(run.cfg).items() for k, v in values.items()}
+    key = {k: v for k, v in flat.items() if k not in RESUME_MAY_CHANGE}
+    key["labels"] = run.labels
+    key["data"] = {name: split.fingerprint for name, split in sorted(run.splits.items())} | {"rows": data_fingerprint(run.splits)}
+    key["num_processes"] = run.accelerator.num_processes
+    return key
+
+
+def check_resume(run: Run, resume_from: Path | None) -> None:
+    """Refuse to resume a checkpoint of another run (labels, data, batch size, model...), naming every
+    difference, unless train.resume_changed=true; nothing in the run dir has been touched yet."""
+    if resume_from is None:
+        return
+    changed = layout_changes(run.cfg, resume_from)
+    if changed:
+        raise TrainingError(f"{resume_from}: the checkpoint does not fit this run's model: it was written with "
+                            f"{'; '.join(changed)}. Resume with the settings it was trained with, or train into a new run dir")
+    path = resume_from / RESUME_KEY
+    if not path.is_file():
+        run.accelerator.print(f"note: {resume_from} records no settings to compare (older checkpoint); resuming as asked")
+        return
+    saved, now = json.loads(path.read_text(encoding="utf-8")), resume_key(run)
+    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k)]
+    if not diffs:
+        return
+    if run.cfg.train.resume_changed:
+        run.accelerator.print("note: resuming a checkpoint of other settings (train.resume_changed=true):\n  " + "\n  ".join(diffs))
+        return
+    raise TrainingError(f"{resume_from}: this run differs from the one that wrote the checkpoint:\n  " + "\n  ".join(diffs)
+                        + "\nResume with the same settings and data, train into a new run dir, or pass "
+                        "train.resume_changed=true to continue anyway")
+
+
+def check_max_length(cfg: Config) -> None:
+    """data.max_length must fit the model's position embeddings (else an index error deep in the forward)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    try:
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"model.name_or_path={cfg.model.name_or_path}: cannot load it ({str(e).splitlines()[0]}); give a "
+                            "local model dir, a hub id (needs a reachable hub) or packaged:all-MiniLM-L6-v2") from e
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions and cfg.data.max_length > positions:
+        raise TrainingError(f"data.max_length={cfg.data.max_length}: {cfg.model.name_or_path} reads at most {positions} "
+                            f"tokens (max_position_embeddings); set data.max_length={positions} or less")
+
+
 def load_data(run: Run) -> None:
     """Read, check and tokenize every split once (cached); the local main process goes first, so errors
     surface once and the other processes load what it built."""
@@ -381,6 +482,7 @@ def load_data(run: Run) -> None:
     cfg = run.cfg
     t0 = time.perf_counter()
     with run.accelerator.local_main_process_first():
+        check_max_length(cfg)
         run.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code)
         cache = load_splits(run)
     run.data_report = {"cache": cache, "setup_seconds": round(time.perf_counter() - t0, 2)}
@@ -393,8 +495,6 @@ def load_data(run: Run) -> None:
         + f"; data ready in {run.data_report['setup_seconds']:.1f}s (" + ", ".join(f"{k}: {v}" for k, v in cache.items())
         + (f", cache {data_cache_root(cfg)})" if cfg.data.cache else ")")
     )
-    if run.accelerator.is_main_process:
-        save_selection_data(run)
     sample_texts = run.splits["validation"].texts(0, 32)
     run.meta = {
         "base_model": cfg.model.name_or_path,
@@ -406,7 +506,7 @@ def load_data(run: Run) -> None:
         "text_field": cfg.data.text_field,
         "label_field": cfg.data.label_field,
         "trust_remote_code": cfg.model.trust_remote_code,
-        # Adapters are what people share: validation texts only when asked (parity checks use them), no data paths.
+        # Adapters are what people share: no data paths, and validation texts only when output.embed_sample_texts asks.
         "sample_texts": sample_texts if cfg.output.embed_sample_texts else [],
         "config": shareable_config(cfg),
     }
@@ -497,10 +597,15 @@ def plan_steps(run: Run) -> None:
     else:
         epochs, why = float(t.epochs), "train.epochs"
     run.cap_steps = t.max_steps or math.ceil(epochs * run.per_epoch)
-    run.patience = (recipe.AUTO_PATIENCE if t.epochs == "auto" and not t.max_steps else 0) if t.patience == "auto" else t.patience
+    if t.patience != "auto":
+        run.patience, patience_why = t.patience, "train.patience"
+    elif t.epochs == "auto" and not t.max_steps:
+        run.patience, patience_why = recipe.auto_patience(run.per_epoch, t.eval_every)
+    else:
+        run.patience, patience_why = 0, "train.patience=auto with fixed epochs or max_steps: off"
     head_scale, head_why = recipe.head_lr_scale(t.head_lr_scale, len(run.labels))
     run.recipe = {"epochs": round(epochs, 3), "epochs_setting": t.epochs, "why": why, "steps_per_epoch": run.per_epoch,
-                  "steps": run.cap_steps, "patience": run.patience, "head_lr_scale": head_scale, "head_lr_why": head_why}
+                  "steps": run.cap_steps, "patience": run.patience, "patience_why": patience_why, "head_lr_scale": head_scale, "head_lr_why": head_why}
     if t.class_weights == "auto":
         weights = recipe.class_weights(counts)
         run.class_weights = torch.tensor(weights, dtype=torch.float32, device=acc.device)
@@ -522,7 +627,7 @@ def fit_budget(run: Run, loop_seconds: float) -> None:  # loop_seconds: this pro
     # Before the first evaluation, estimate it: a forward pass is about a third of a training step's work.
     eval_s = float(np.mean(evals)) if evals else len(run.splits["validation"]) / acc.num_processes / t.batch_size * step_s / 3
     costs = recipe.Costs(step=step_s, evaluation=eval_s, checkpoint=float(np.mean(saves)) if saves else 0.0)
-    total = recipe.budget_steps(60 * t.time_budget_minutes, state.loop_seconds + time.perf_counter() - run.loop_start, done, run.cap_steps, costs,
+    total = recipe.budget_steps(60 * t.time_budget_minutes, state.loop_seconds + clock() - run.loop_start, done, run.cap_steps, costs,
                                 run.per_epoch, t.eval_every, t.save_every)
     if acc.num_processes > 1:
         from accelerate.utils import broadcast
@@ -561,8 +666,9 @@ def restore(run: Run, resume_from: Path | None) -> None:
         run.state.load_state_dict(json.loads((resume_from / checkpoints.STATE_FILE).read_text()))
         if acc.is_main_process:
             if (resume_from / checkpoints.BEST_ADAPTER).is_dir():
-                shutil.rmtree(run.run_dir / "adapter", ignore_errors=True)
-                shutil.copytree(resume_from / checkpoints.BEST_ADAPTER, run.run_dir / "adapter")
+                tmp = temp_dir_beside(run.run_dir / "adapter")
+                shutil.copytree(resume_from / checkpoints.BEST_ADAPTER, tmp, dirs_exist_ok=True)
+                swap_in(tmp, run.run_dir / "adapter")
             # Lines a cut run wrote after its checkpoint are logged again by this run: drop them, no duplicates.
             if run.metrics_path.is_file():
                 records = [json.loads(x) for x in run.metrics_path.read_text().splitlines() if x.strip()]
@@ -595,7 +701,7 @@ def fit(run: Run) -> float:
     model.train()
     progress = tqdm(total=run.total_steps, initial=state.global_step, disable=not acc.is_local_main_process, desc="train")
     interval = torch.zeros(2, device=acc.device)  # sum of micro-batch losses, count: the logged loss is their mean
-    start = run.loop_start = time.perf_counter()
+    start = run.loop_start = clock()
     run.start_step = state.global_step
     budget = cfg.time_budget_minutes > 0
     stop = False
@@ -636,16 +742,16 @@ def fit(run: Run) -> float:
             if stop or last:
                 break
             if budget and (evaluated or (state.global_step - run.start_step) % BUDGET_PROBE_STEPS == 0):
-                fit_budget(run, time.perf_counter() - start)
+                fit_budget(run, clock() - start)
                 progress.total = run.total_steps
                 progress.refresh()
     progress.close()
     if budget:
-        loop_total = state.loop_seconds + time.perf_counter() - run.loop_start
+        loop_total = state.loop_seconds + clock() - run.loop_start
         # planned_steps None: the epochs ended before the first BUDGET_PROBE_STEPS steps were measured.
         plan = run.recipe.setdefault("time_budget", {"minutes": cfg.time_budget_minutes, "planned_steps": None})
         plan["loop_seconds"] = round(loop_total, 2)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def training_loss(model: Any, batch: dict[str, torch.Tensor], class_weights: torch.Tensor | None, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -699,7 +805,7 @@ def log_train(run: Run, interval: torch.Tensor, progress: Any) -> None:
 
 def validate(run: Run, kind: str) -> bool:
     """Evaluate, save the adapter if best, and decide early stopping once for every rank. Returns: stop."""
-    t0 = time.perf_counter()
+    t0 = clock()
     cfg, acc, state = run.cfg.train, run.accelerator, run.state
     metrics, _, _ = evaluate(run.model, run.eval_loaders["validation"], acc, run.labels)
     value = metrics[cfg.metric_for_best]
@@ -715,7 +821,7 @@ def validate(run: Run, kind: str) -> bool:
         acc.log({f"val/{k}": metrics[k] for k in ("loss", "accuracy", "f1_weighted", "f1_macro")}, step=state.global_step)
         if run.patience and state.evals_without_improvement >= run.patience:
             acc.set_trigger()
-    run.timings["evaluation"].append(time.perf_counter() - t0)
+    run.timings["evaluation"].append(clock() - t0)
     acc.print(f"step {state.global_step}: val accuracy {metrics['accuracy']:.4f} f1_w {metrics['f1_weighted']:.4f} "
               f"loss {metrics['loss']:.4f}" + (" (best)" if improved else ""))
     stop = acc.check_trigger()
@@ -731,19 +837,20 @@ def save_adapter(run: Run, extra: dict[str, Any]) -> None:
     state_dict = acc.get_state_dict(run.model)  # every rank joins: FSDP gathers shards here
     if acc.is_main_process:
         adapter_dir = run.run_dir / "adapter"
-        tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        acc.unwrap_model(run.model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        run.tokenizer.save_pretrained(tmp)
-        write_adapter_meta(tmp, {**run.meta, **extra})
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        tmp.rename(adapter_dir)
+        tmp = temp_dir_beside(adapter_dir)
+        try:
+            acc.unwrap_model(run.model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            run.tokenizer.save_pretrained(tmp)
+            write_adapter_meta(tmp, {**run.meta, **extra})
+            swap_in(tmp, adapter_dir)  # a complete adapter is at adapter/ at every moment
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
 
 
 def save_checkpoint(run: Run) -> None:
     """Every rank saves its state into a partial dir; the main process completes it and renames it into place."""
-    t0 = time.perf_counter()
+    t0 = clock()
     acc, step = run.accelerator, run.state.global_step
     run.state.loop_seconds += t0 - run.loop_start  # loop time so far, kept across a resume (time budget)
     run.loop_start = t0
@@ -754,9 +861,10 @@ def save_checkpoint(run: Run) -> None:
     acc.save_state(str(checkpoints.partial_dir(run.ckpt_root, step)))  # optimizer and RNG state are per process
     acc.wait_for_everyone()
     if acc.is_main_process:
+        (checkpoints.partial_dir(run.ckpt_root, step) / RESUME_KEY).write_text(json.dumps(resume_key(run)), encoding="utf-8")
         checkpoints.finish(run.ckpt_root, step, run.state.state_dict(), run.run_dir / "adapter", run.cfg.train.keep_checkpoints)
     acc.wait_for_everyone()
-    run.timings["checkpoint"].append(time.perf_counter() - t0)
+    run.timings["checkpoint"].append(clock() - t0)
 
 
 # --- finish --------------------------------------------------------------------------------------------
@@ -848,7 +956,9 @@ def main(argv: list[str] | None = None) -> int:
         lock, resume_from = claim_run_dir(cfg, accelerator)
         run = Run(cfg, accelerator, Path(cfg.output.run_dir), mixed_precision)
         load_data(run)
+        check_resume(run, resume_from)
         build_training(run)
+        start_run(run, resume_from)  # every check passed: only now is an old run replaced
         restore(run, resume_from)
         # loop
         start_samples, start_tokens = run.state.samples, run.state.tokens

@@ -75,18 +75,50 @@ def temp_dir_beside(target: Path) -> Path:
     return tmp
 
 
+_RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h): swap two paths atomically
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2); False where the OS or filesystem can't."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def swap_in(tmp: Path, target: Path) -> None:
+    """Put the complete dir `tmp` at `target` so that a complete copy is there at every moment: an existing
+    target is exchanged with `tmp` in one atomic step and the old copy (now at `tmp`) removed afterwards.
+    Where the filesystem cannot exchange, the old copy is renamed aside first (a crash between the two
+    renames leaves it beside the target as `.NAME.old-PID`)."""
+    if not target.exists():
+        tmp.rename(target)
+        return
+    if _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def replace_dir(tmp: Path, target: Path, what: str) -> None:
-    """Mark `tmp` as ours and rename it over `target` (an existing target must be ours: see check_replaceable)."""
+    """Mark `tmp` as ours and swap it in for `target` (an existing target must be ours: see check_replaceable)."""
     mark_owned(tmp, what)
-    if target.exists():
-        if not is_owned(target):
-            raise OutputError(f"{target}: appeared meanwhile and was not written by loraship; not replacing it")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
+    if target.exists() and not is_owned(target):
+        raise OutputError(f"{target}: appeared meanwhile and was not written by loraship; not replacing it")
+    swap_in(tmp, target)
 
 
 @contextlib.contextmanager
@@ -135,17 +167,28 @@ class RunDirLock:
 
     def acquire(self) -> RunDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise OutputError(
+                    f"{self.path.parent}: in use by another loraship process: {_holder_text(_read_holder(self.path))}. "
+                    "Wait for it to finish, stop it, or use another run dir"
+                ) from None
+            # The holder before us may have unlinked the file between our open and our flock: then we
+            # hold a lock on a file nobody else can find, and a newcomer creates and locks a new one. Only
+            # a lock on the inode that is still at the path counts; else open the new file and try again.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise OutputError(
-                f"{self.path.parent}: in use by another loraship process: {_holder_text(_read_holder(self.path))}. "
-                "Wait for it to finish, stop it, or use another run dir"
-            ) from None
         old = _read_holder(self.path)
         if old:
             self.stale_holder = _holder_text(old)
@@ -159,7 +202,9 @@ class RunDirLock:
         if self.fd is None:
             return
         with contextlib.suppress(OSError):
-            self.path.unlink()  # still holding it: nobody can be between open and flock on this inode
+            # Unlinked while still held: a process that opened it before and flocks it after finds the
+            # path gone or pointing elsewhere (acquire's check), so it never counts as a holder.
+            self.path.unlink()
         os.close(self.fd)
         self.fd = None
 

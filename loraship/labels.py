@@ -1,0 +1,93 @@
+"""The one label map (names <-> ids) that training, the export gate and evaluation share.
+
+One rule for integer-looking values (a JSON integer, or a CSV cell such as `3`, are the same value):
+- A name always matches as written (surrounding spaces aside).
+- When any label name is an integer (`1..5` stars), every value is matched as a name, never as a
+  position: `3` is the label "3", and a `0` that is no name is an unknown label, not the first class.
+- When no name is an integer (World, Sports, ...), an integer indexes the names (hub AG News stores 0..3).
+- Names taken from training data that mix integers and other names are ambiguous (is `0` a name or the
+  first class?): the trainer stops and asks for `data.labels=[...]`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+_INT = re.compile(r"[+-]?\d+")
+
+
+class LabelError(ValueError):
+    """A label value that fits no label, or a label set that cannot be decided; the message says the fix."""
+
+
+def is_integer(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and _INT.fullmatch(value.strip()) is not None
+
+
+class LabelMap:
+    def __init__(self, names: Iterable[Any]) -> None:
+        self.names = [str(n).strip() for n in names]
+        if len(set(self.names)) != len(self.names):
+            dup = sorted({n for n in self.names if self.names.count(n) > 1})
+            raise LabelError(f"label names repeat: {', '.join(dup)}; list each label once (data.labels=[...])")
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.integer_names = any(is_integer(n) for n in self.names)
+        # "01" and "1" are one integer label: matched by value when the names are integers.
+        self.by_value = {int(n): i for i, n in enumerate(self.names) if is_integer(n)}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LabelMap) and other.names == self.names
+
+    def id(self, raw: Any) -> int | None:
+        """The label id of a raw value, or None when it fits no label (see the module's rule)."""
+        key = str(raw).strip()
+        if key in self.index:
+            return self.index[key]
+        if not is_integer(raw):
+            return None
+        value = int(key)
+        if self.integer_names:
+            return self.by_value.get(value)
+        return value if 0 <= value < len(self.names) else None
+
+    def rule(self) -> str:
+        if self.integer_names:
+            return "the labels are integers, so values match them as names, never as positions"
+        return f"an integer indexes these names (0..{len(self.names) - 1})"
+
+    def unknown(self, where: str, raw: Any, fix: str = "") -> LabelError:
+        shown = ", ".join(self.names[:20]) + (f", ... ({len(self.names)} in all)" if len(self.names) > 20 else "")
+        return LabelError(f"{where}: label {str(raw)!r} is not one the model knows ({shown}); {self.rule()}"
+                          + (f". {fix}" if fix else ""))
+
+
+def from_data(distinct: Iterable[Any], given: list[str], source: str) -> LabelMap:
+    """The label set of a training run: `given` (data.labels) in that order, else the distinct training
+    labels sorted (integers numerically), so the same data gives the same ids in every run."""
+    if given:
+        return LabelMap(given)
+    values = {str(v).strip(): v for v in distinct}
+    ints = [k for k, v in values.items() if is_integer(v)]
+    others = [k for k, v in values.items() if not is_integer(v)]
+    if ints and others:
+        raise LabelError(
+            f"{source}: the labels mix integers ({', '.join(sorted(ints, key=int)[:5])}) and names "
+            f"({', '.join(sorted(others)[:5])}), so an integer could be a name or the position of one. "
+            "List the label names in order with data.labels=[...]: integers then index them (when no name is an integer)"
+        )
+    if ints:
+        by_value = sorted({int(k) for k in ints})
+        if len(by_value) != len(ints):
+            raise LabelError(f"{source}: integer labels written two ways ({', '.join(sorted(ints))}); "
+                             "write each the same way or set data.labels=[...]")
+        return LabelMap(str(v) for v in by_value)
+    return LabelMap(sorted(others))
