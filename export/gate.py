@@ -46,7 +46,7 @@ def load_eval_file(path: Path, text_field: str, label_field: str, labels: list[s
 
 
 def accuracy_f1(y: np.ndarray, pred: np.ndarray, n_labels: int) -> dict[str, float]:
-    from serve_cli.metrics import classification_report
+    from loraship.metrics import classification_report
 
     report = classification_report(y, pred, [str(i) for i in range(n_labels)])
     return {"accuracy": report["accuracy"], "f1_weighted": report["f1_weighted"]}

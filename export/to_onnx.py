@@ -42,7 +42,7 @@ from export.int8_search import search
 from export.merge import generated_texts, merge, read_adapter
 from export.quantize import QUANTIZATION_METHODS, auto_quantization, quantize
 from loraship.fsutil import OutputError, RunDirLock, atomic_dir, temp_dir_beside
-from trainer.quiet import quiet_third_party
+from loraship.quiet import quiet_third_party
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -16,6 +16,14 @@ else
   # setuptools' "Editable installation" banner is expected for `pip install -e`; nothing to act on.
   export PYTHONWARNINGS="ignore:Editable installation:Warning${PYTHONWARNINGS:+,$PYTHONWARNINGS}"
 fi
+# loraship needs Python 3.11 or newer (pyproject's requires-python): say so in one line, before touching anything.
+py=python3
+[ -x .venv/bin/python ] && py=.venv/bin/python
+ver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo "none")
+case "$ver" in
+  3.1[1-9]|3.[2-9][0-9]|[4-9].*) ;;
+  *) echo "install: loraship needs Python >= 3.11; $py is ${ver/none/missing or broken} (install a newer python3, or remove an old .venv)" >&2; exit 1 ;;
+esac
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install "${quiet[@]}" --upgrade pip >/dev/null 2>&1 || true
 

@@ -270,7 +270,7 @@ def parse_model_spec(spec: str) -> tuple[str, str | None]:
 
 
 def evaluate_model(clf: OnnxClassifier, texts: list[str], y: np.ndarray, batch_size: int) -> dict[str, Any]:
-    from serve_cli.metrics import classification_report
+    from loraship.metrics import classification_report
 
     t0 = time.perf_counter()
     probs = proba_in_order(clf, texts, batch_size)

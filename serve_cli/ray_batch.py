@@ -53,7 +53,7 @@ ROWS_SCHEMA = [("file", "string"), ("row", "int64"), ("id", "string"), ("text", 
 OUT_SCHEMA = [("file", "string"), ("row", "int64"), ("id", "string"), ("label", "string"), ("score", "float64"),
               ("top_k", "string"), ("error", "string")]
 SUFFIXES = {k: v for k, v in reader.SUFFIXES.items() if v != "txt"}  # "json": JSON Lines or an array, by content
-READ_ROWS = 4096  # rows per block coming out of a reader task
+READ_ROWS = 4096  # rows per table a reader task yields
 WINDOW_BATCHES = 32  # model batches per actor call, sorted by length together (the local engine's window)
 # Fault drills (tests): seconds each actor sleeps per batch, so a test can kill one mid-job.
 DELAY_ENV = "LORASHIP_RAY_BATCH_DELAY_S"
@@ -190,7 +190,12 @@ def unpack_model(blob: bytes, digest: str) -> Path:
         raise ModelDirError(f"model archive hash mismatch on this worker: {got} != {digest}")
     out = Path(tempfile.mkdtemp(prefix=f"loraship-model-{digest[:12]}-"))
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-        tar.extractall(out, filter="data")
+        # The "data" filter (Python >= 3.11.4) refuses links and paths outside `out`; the archive is our own,
+        # checked by its hash above, so older 3.11 releases extract it as it is.
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(out, filter="data")
+        else:
+            tar.extractall(out)
     report = json.loads((out / REPORT).read_text()) if (out / REPORT).is_file() else {}
     for name, v in (report.get("variants") or {}).items():
         f = out / v.get("file", "")
@@ -203,7 +208,7 @@ class Predictor:
     """Ray Data actor: loads the export once, then labels every batch it is given, in length order."""
 
     def __init__(self, model: list[Any], digest: str, variant: str, threads: int, max_length: int, top_k: int,
-                 batch_size: int, delay: float) -> None:
+                 batch_size: int, delay: float, crash_on: str = "") -> None:
         import ray
 
         model_dir = unpack_model(ray.get(model[0]), digest)
@@ -217,12 +222,13 @@ class Predictor:
         self.k = max(1, min(top_k, len(self.clf.labels)))
         self.batch_size = batch_size
         self.delay = delay
+        self.crash_on = crash_on
 
     def __call__(self, batch: Any) -> Any:
         if self.delay:
             time.sleep(self.delay)
         cols = batch.to_pydict()
-        if os.environ.get(CRASH_ENV) and os.environ[CRASH_ENV] in (t or "" for t in cols["text"]):
+        if self.crash_on and self.crash_on in (t or "" for t in cols["text"]):
             os._exit(137)  # fault drill: a batch that always kills its worker, as an out-of-memory kill does
         ok = [i for i, e in enumerate(cols["error"]) if e is None]
         probs = predict_proba_sorted(self.clf, [cols["text"][i] for i in ok], self.batch_size)
@@ -317,23 +323,29 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
             # Batches that keep killing their actor are dropped by Ray Data after their retries; lost_rows()
             # then reports their rows as errors, so every row still gets an output or an error.
             ctx.max_errored_blocks = -1
+            # Blocks of one window each: one actor call per block, so a batch that kills its actor costs that
+            # window's rows, not a whole file's.
+            window = args.batch_size * WINDOW_BATCHES
             read = (
                 ray.data.from_items(units, override_num_blocks=len(units))
                 .map_batches(read_unit, batch_size=1, batch_format="pyarrow", num_cpus=0, max_retries=3,
                              fn_kwargs={"text_field": args.text_field, "id_field": args.id_field})
+                # Ray merges small outputs into big blocks; cut them back to one window each. Materialized
+                # before the actors start: they hold the CPUs these tasks need.
+                .repartition(target_num_rows_per_block=window)
                 .materialize()
             )
             predicted = (
                 read.map_batches(
                     Predictor,
                     batch_format="pyarrow",
-                    batch_size=args.batch_size * WINDOW_BATCHES,  # rows sorted by length together, as the local engine
+                    batch_size=window,  # rows sorted by length together, as the local engine
                     compute=ray.data.ActorPoolStrategy(size=actors),
                     num_cpus=args.threads_per_actor,
                     fn_constructor_kwargs={
                         "model": [model_ref], "digest": digest, "variant": variant, "threads": args.threads_per_actor,
                         "max_length": args.max_length, "top_k": args.top_k, "batch_size": args.batch_size,
-                        "delay": float(os.environ.get(DELAY_ENV, "0") or 0),
+                        "delay": float(os.environ.get(DELAY_ENV, "0") or 0), "crash_on": os.environ.get(CRASH_ENV, ""),
                     },
                     # A dead actor is restarted and its unfinished batch resubmitted, a bounded number of times.
                     max_restarts=-1,

@@ -209,9 +209,104 @@ def test_killed_actor_is_replaced_and_every_row_written_once(cluster: str, expor
     assert len(rows) == 3000 and sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(3000))
 
 
+def test_a_batch_that_always_kills_its_actor_becomes_error_rows(cluster: str, exported: Path, inputs: Path, tmp_path: Path) -> None:
+    """An out-of-memory kill on one batch: retried a bounded number of times, then its rows are reported as
+    errors and every other row is predicted; no unpacked model is left in the temp dir."""
+    import tempfile
+
+    from serve_cli.ray_batch import CRASH_ENV, MAX_BATCH_RETRIES
+
+    poison = json.loads((inputs / "all.jsonl").read_text().splitlines()[1234])
+    before = set(Path(tempfile.gettempdir()).glob("loraship-model-*"))
+    out = tmp_path / "out"
+    res = ray_predict(cluster, "--model", str(exported), "--input", str(inputs / "jsonl"), "--output", str(out), "--id-field", "id",
+                      "--actors", "2", "--batch-size", "8", extra_env={CRASH_ENV: poison["text"]})
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    errors = [json.loads(x) for p in sorted((out / "errors").glob("*.json*")) for x in p.read_text().splitlines()]
+    rows = read_output(out)
+    assert summary["rows_in"] == 3000 == summary["predicted"] + summary["errors"] == len(rows) + len(errors)
+    assert 1 <= len(errors) <= 8 * 32 and poison["id"] in {e["id"] for e in errors}
+    assert all(f"died {MAX_BATCH_RETRIES + 1} times" in e["error"] for e in errors)
+    assert set(Path(tempfile.gettempdir()).glob("loraship-model-*")) <= before, "an actor left its unpacked model behind"
+
+
 def test_local_engine_never_imports_ray(exported: Path, inputs: Path, tmp_path: Path) -> None:
     code = ("import sys; from serve_cli.__main__ import main; "
             f"rc = main(['predict', '--model', {str(exported)!r}, '--input', {str(inputs / 'all.jsonl')!r}, '--output', {str(tmp_path / 'o.jsonl')!r}, '--quiet']); "
             "assert rc == 0; assert 'ray' not in sys.modules, 'ray imported'")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+MESSY = (b"\xef\xbb\xbftext,label\r\n"                      # 1: a byte-order mark, CRLF line ends
+         b'"hello, ""quoted"" world",Sports\r\n'           # 2: quotes and a comma inside
+         b"\r\n"                                            # 3: blank: not a row
+         b"plain text here,World\r\n"                       # 4
+         b'"a text over\r\ntwo lines",Business\r\n'         # 5-6: one record on two lines
+         b"bad \xff byte,World\r\n"                         # 7: invalid UTF-8: this row only
+         b",Sports\r\n"                                     # 8: a bad row: empty text
+         b"last row,1\r\n")                                 # 9: an integer label indexes the names
+MESSY_ROWS = [(2, 'hello, "quoted" world', "Sports"), (4, "plain text here", "World"),
+              (5, "a text over\r\ntwo lines", "Business"), (9, "last row", "Sci/Tech")]
+MESSY_ERRORS = [(7, "invalid UTF-8 (invalid start byte at byte 4)"), (8, "field 'text' is empty")]
+
+
+def test_one_messy_file_means_the_same_rows_and_errors_in_every_stage(cluster: str, exported: Path, trained_run: Path,
+                                                                      tiny_bert: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Training, export --eval-file, serve_cli predict, serve_cli eval and --engine ray read one file alike."""
+    from serve_cli.__main__ import main as serve_main
+    from tests.conftest import tiny_args
+    from trainer.data import DataError, iter_rows
+    from trainer.train import main as train_main
+
+    src = tmp_path / "messy.csv"
+    src.write_bytes(MESSY)
+    labels = ["Business", "Sci/Tech", "Sports", "World"]
+    first_error = f"{src}:{MESSY_ERRORS[0][0]}: {MESSY_ERRORS[0][1]}"
+
+    # serve_cli predict: every good row predicted (ids are line numbers), every bad one recorded.
+    out = tmp_path / "pred.jsonl"
+    assert serve_main(["predict", "--model", str(exported), "--input", str(src), "--output", str(out), "--on-error", "record",
+                       "--quiet"]) == 0
+    assert [r["id"] for r in map(json.loads, out.read_text().splitlines())] == [n for n, _, _ in MESSY_ROWS]
+    errors = [json.loads(x) for x in Path(f"{out}.errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["error"]) for e in errors] == MESSY_ERRORS
+
+    # serve_cli eval: the same rows with their labels, the same errors.
+    rep = tmp_path / "report"
+    assert serve_main(["eval", "--model", str(exported), "--input", str(src), "--report-dir", str(rep), "--on-error", "record",
+                       "--quiet"]) == 0
+    preds = [json.loads(x) for x in (rep / "predictions.jsonl").read_text().splitlines()]
+    assert [(p["text"], p["true"]) for p in preds] == [(t, y) for _, t, y in MESSY_ROWS]
+    assert [(e["line"], e["error"]) for e in map(json.loads, (rep / "errors.jsonl").read_text().splitlines())] == MESSY_ERRORS
+
+    # --engine ray: the same rows predicted, the same error rows.
+    ray_out = tmp_path / "ray"
+    res = ray_predict(cluster, "--model", str(exported), "--input", str(src), "--output", str(ray_out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(r["row"] for r in read_output(ray_out)) == [n for n, _, _ in MESSY_ROWS]
+    ray_errors = [json.loads(x) for p in sorted((ray_out / "errors").glob("*.json*")) for x in p.read_text().splitlines()]
+    assert sorted((e["row"], e["error"]) for e in ray_errors) == MESSY_ERRORS
+
+    # Training stops at the first bad row with the same words, after the same rows.
+    rows, stop = [], None
+    try:
+        for row in iter_rows(str(src), "text", "label"):
+            rows.append((row.line, row.text, row.label))
+    except DataError as e:
+        stop = str(e)
+    assert stop == first_error and [(n, t) for n, t, _ in rows] == [(n, t) for n, t, _ in MESSY_ROWS if n < MESSY_ERRORS[0][0]]
+    capsys.readouterr()
+    code = train_main(tiny_args(tiny_bert, tmp_path, tmp_path / "run", f"data.train={src}", "train.max_steps=1",
+                                f"data.labels={json.dumps(labels)}"))
+    assert code == 1
+
+    assert first_error in capsys.readouterr().err
+
+    # export --eval-file: the same first error.
+    proc = subprocess.run([sys.executable, "-m", "export.to_onnx", "--adapter", str(trained_run / "adapter"), "--output",
+                           str(tmp_path / "onnx"), "--eval-file", str(src)], capture_output=True, text=True, env=env(), cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 1 and first_error in proc.stderr, proc.stderr[-2000:]

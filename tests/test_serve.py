@@ -425,3 +425,27 @@ def test_a_confusion_plot_of_many_labels_never_costs_the_report(tmp_path: Path) 
     assert (tmp_path / "mid.png").stat().st_size > 0
     report = {"model": "m", "variant": "fp32", "rows": 1, "per_class": {}, "labels": ["a"], "confusion_matrix": [[1]]}
     assert "no plot: 600 labels" in markdown_report(report, [], {}, "in.jsonl", 0, reason)
+
+
+def test_eval_takes_csv_integer_labels_as_the_trainer_does(exported: Path, tmp_path: Path) -> None:
+    """A CSV cell `2` is the JSON integer 2: it indexes the model's (non-integer) labels in eval too."""
+    rows = [(t, y) for t, y in make_texts(30, seed=8)]
+    named, numbered = tmp_path / "named.csv", tmp_path / "numbered.csv"
+    named.write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in rows))
+    numbered.write_text("text,label\n" + "".join(f'"{t}",{LABELS.index(y)}\n' for t, y in rows))
+    for src in (named, numbered):
+        assert main(["eval", "--model", str(exported), "--input", str(src), "--report-dir", str(tmp_path / src.stem), "--quiet"]) == 0
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("named", "numbered"))
+    assert a["rows"] == b["rows"] == 30 and a["accuracy"] == b["accuracy"] and a["confusion_matrix"] == b["confusion_matrix"]
+
+
+def test_predict_reads_a_directory_of_files(exported: Path, tmp_path: Path) -> None:
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (d / "sub" / "b.csv").write_text("text\nthree\n")
+    (d / ".hidden.jsonl").write_text('{"text": "skipped"}\n')
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model", str(exported), "--input", str(d), "--output", str(out), "--quiet"]) == 0
+    ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert ids == [f"{d / 'a.jsonl'}:1", f"{d / 'a.jsonl'}:2", f"{d / 'sub' / 'b.csv'}:2"]

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -224,21 +223,3 @@ def write_adapter_meta(adapter_dir: Path, meta: dict[str, Any]) -> None:
     (adapter_dir / ADAPTER_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], detailed: bool = False) -> dict[str, Any]:
-    """Accuracy, weighted and macro F1 (scikit-learn); with `detailed`, per-class figures and the confusion matrix."""
-    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
-
-    ids = list(range(len(labels)))
-    out: dict[str, Any] = {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "f1_weighted": float(f1_score(y_true, y_pred, labels=ids, average="weighted", zero_division=0)),
-        "f1_macro": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
-    }
-    if detailed:
-        report = classification_report(y_true, y_pred, labels=ids, target_names=labels, output_dict=True, zero_division=0)
-        out["per_class"] = {
-            name: {k: float(report[name][k]) for k in ("precision", "recall", "f1-score", "support")} for name in labels
-        }
-        out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=ids).tolist()
-        out["labels"] = labels
-    return out

@@ -43,6 +43,8 @@ from loraship.fsutil import (
     swap_in,
     temp_dir_beside,
 )
+from loraship.metrics import summary_metrics
+from loraship.quiet import quiet_third_party
 from trainer import checkpoints, mfu, recipe
 from trainer.config import (
     Config,
@@ -67,14 +69,12 @@ from trainer.data_cache import TokenizedSplit, default_cache_root, load_or_build
 from trainer.modeling import (
     ADAPTER_META,
     build_model,
-    classification_metrics,
     frozen_linear_dtype,
     resolve_model_path,
     store_frozen_linear_weights,
     trainable_summary,
     write_adapter_meta,
 )
-from trainer.quiet import quiet_third_party
 
 
 class TrainingError(RuntimeError):
@@ -280,7 +280,7 @@ def evaluate(model: Any, loader: DataLoader, accelerator: Any, labels: list[str]
     y = torch.cat(all_labels)
     loss = torch.nn.functional.cross_entropy(logits, y).item()
     probs = torch.softmax(logits, dim=-1).numpy()
-    metrics = classification_metrics(y.numpy(), probs.argmax(-1), labels, detailed=detailed)
+    metrics = summary_metrics(y.numpy(), probs.argmax(-1), labels, detailed=detailed)
     metrics["loss"] = loss
     metrics["rows"] = len(y)
     return metrics, probs, torch.cat(all_index).numpy()

@@ -1,4 +1,5 @@
-"""Classification metrics in numpy (same definitions as scikit-learn, which the serving path does not import)."""
+"""The one metrics module: classification metrics in numpy, the same definitions as scikit-learn (which the
+serving path does not import), for training, the export gate and serve_cli eval alike."""
 
 from __future__ import annotations
 
@@ -40,3 +41,10 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[s
         "labels": labels,
         "confusion_matrix": cm.tolist(),
     }
+
+
+def summary_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], detailed: bool = False) -> dict[str, Any]:
+    """Accuracy, weighted and macro F1; with `detailed`, per-class figures and the confusion matrix too."""
+    report = classification_report(np.asarray(y_true), np.asarray(y_pred), labels)
+    keep = ("accuracy", "f1_weighted", "f1_macro") + (("per_class", "confusion_matrix", "labels") if detailed else ())
+    return {k: report[k] for k in keep}
