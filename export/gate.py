@@ -19,25 +19,26 @@ import numpy as np
 from export.common import ExportError, torch_logits
 
 
-def load_eval_file(path: Path, text_field: str, label_field: str, labels: list[str]) -> tuple[list[str], np.ndarray]:
-    """Rows through the one reader, labels through the one label map; the first bad row or unknown label
-    stops the export with the reader's words."""
+def load_eval_file(path: Path, text_field: str, label_field: str, labels: list[str], multi: bool = False) -> tuple[list[str], np.ndarray]:
+    """Rows through the one reader, labels through the one label map (multi-label: a 0/1 row over the labels);
+    the first bad row or unknown label stops the export with the reader's words."""
     from loraship import rows as reader
-    from loraship.labels import LabelMap
+    from loraship.labels import LabelMap, is_unknown
 
     label_map = LabelMap(labels)
     texts: list[str] = []
-    y: list[int] = []
+    y: list[Any] = []
     try:
         _, rows = reader.read(str(path), "auto", reader.Fields(text_field, label_field))
         for row in rows:
             if isinstance(row, reader.RowError):
                 raise ExportError(f"{row.where}: {row.message}")
-            k = label_map.id(row.label)
-            if k is None:
-                raise ExportError(str(label_map.unknown(row.where, row.label, "Evaluate with a file of the model's labels")))
+            k = label_map.ids(row.label) if multi else label_map.id(row.label)
+            if k is None or is_unknown(k):
+                raise ExportError(str(label_map.unknown(row.where, getattr(k, "value", row.label),
+                                                        "Evaluate with a file of the model's labels")))
             texts.append(row.text)
-            y.append(k)
+            y.append([int(i in k) for i in range(len(labels))] if multi else k)
     except reader.InputError as e:
         raise ExportError(str(e)) from e
     if not texts:
@@ -45,11 +46,12 @@ def load_eval_file(path: Path, text_field: str, label_field: str, labels: list[s
     return texts, np.array(y)
 
 
-def accuracy_f1(y: np.ndarray, pred: np.ndarray, n_labels: int) -> dict[str, float]:
-    from loraship.metrics import classification_report
-
-    report = classification_report(y, pred, [str(i) for i in range(n_labels)])
-    return {"accuracy": report["accuracy"], "f1_weighted": report["f1_weighted"]}
+def headline_metrics(task: Any, y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """The figures the export reports per model: accuracy and F1 (multi-label: micro/macro F1 at the model's
+    thresholds, subset accuracy)."""
+    report = task.metrics(y, probs)
+    keys = ("accuracy", "f1_weighted", "f1_macro") + (("f1_micro", "f1_samples") if task.multi else ())
+    return {k: report[k] for k in keys}
 
 
 def onnx_proba(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
@@ -73,31 +75,41 @@ def onnx_logits(onnx_dir: Path, variant: str, texts: list[str], threads: int) ->
 
 def measure_file(onnx_dir: Path, data: tuple[list[str], np.ndarray], name: str, n_labels: int, threads: int,
                  merged: Any = None, tokenizer: Any = None, max_length: int = 512) -> dict[str, Any]:
-    """Accuracy and weighted F1 of ONNX fp32 and int8 (and the merged PyTorch model if given) on a labeled
-    file, with serve_cli's batching. A report, never a choice: the default variant is chosen on validation."""
+    """Accuracy and F1 of ONNX fp32 and int8 (and the merged PyTorch model if given) on a labeled file, with
+    serve_cli's batching (multi-label: at the model's thresholds). A report, never a choice: the default
+    variant is chosen on validation."""
+    from serve_cli.runtime import OnnxClassifier
+
     texts, y = data
-    out: dict[str, Any] = {"file": name, "rows": len(y)}
+    task = OnnxClassifier(onnx_dir, variant="fp32").task
+    out: dict[str, Any] = {"file": name, "rows": len(y), "task": task.name}
     if merged is not None:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # length-sorted batches: little padding
-        pred = np.zeros(len(texts), dtype=np.int64)
+        logits = np.zeros((len(texts), n_labels), dtype=np.float32)
         for b in range(0, len(order), 64):
             idx = order[b : b + 64]
-            pred[idx] = torch_logits(merged, tokenizer, [texts[i] for i in idx], max_length, 64).argmax(-1)
-        out["merged"] = accuracy_f1(y, pred, n_labels)
+            logits[idx] = torch_logits(merged, tokenizer, [texts[i] for i in idx], max_length, 64)
+        out["merged"] = headline_metrics(task, y, task.probs(logits))
     for variant in ("fp32", "int8"):
-        out[f"onnx_{variant}"] = accuracy_f1(y, onnx_predict(onnx_dir, variant, texts, threads), n_labels)
+        out[f"onnx_{variant}"] = headline_metrics(task, y, onnx_proba(onnx_dir, variant, texts, threads))
     out["int8_drop_points"] = 100 * (out["onnx_fp32"]["accuracy"] - out["onnx_int8"]["accuracy"])
+    if task.multi:
+        for k in ("f1_macro", "f1_micro"):
+            out[f"int8_{k}_drop_points"] = 100 * (out["onnx_fp32"][k] - out["onnx_int8"][k])
     return out
 
 
 def validation_gate(onnx_dir: Path, data: tuple[list[str], np.ndarray], args: argparse.Namespace, method: str) -> tuple[str, dict[str, Any]]:
-    """One given int8 method (not the search): int8 is the default if it keeps validation accuracy."""
+    """One given int8 method (not the search): int8 is the default if it keeps the validation headline metric
+    (accuracy; multi-label: macro F1 at the model's thresholds)."""
+    from serve_cli.runtime import OnnxClassifier
+
     texts, y = data
-    fp32 = float((onnx_predict(onnx_dir, "fp32", texts, args.threads) == y).mean())
-    int8 = float((onnx_predict(onnx_dir, "int8", texts, args.threads) == y).mean())
+    task = OnnxClassifier(onnx_dir, variant="fp32").task
+    fp32, int8 = (float(task.metrics(y, onnx_proba(onnx_dir, v, texts, args.threads))[task.headline]) for v in ("fp32", "int8"))
     drop = 100 * (fp32 - int8)
     ok = drop <= args.max_int8_drop
-    gate = {"by": f"validation accuracy ({method})", "rows": len(y), "fp32_accuracy": fp32, "int8_accuracy": int8,
+    gate = {"by": f"validation {task.headline} ({method})", "rows": len(y), "fp32_accuracy": fp32, "int8_accuracy": int8,
             "int8_drop_points": drop, "max_int8_drop_points": args.max_int8_drop,
             "verdict": f"int8 ({method}) loses {drop:+.2f} points on validation: " + ("int8 is the default" if ok else "fp32 is the default")}
     return ("int8" if ok else "fp32"), gate

@@ -44,6 +44,7 @@ import numpy as np
 
 from export.common import INT8_FILE
 from export.smooth import SMOOTH_ALPHA, session_with_outputs, smooth_model
+from loraship.task import Task
 
 
 @dataclass
@@ -154,13 +155,6 @@ def build(src: Path, dst: Path, cand: Candidate, feeds: list[dict[str, np.ndarra
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
 
 
-def expected_drop_points(ref: np.ndarray, pred: np.ndarray) -> float:
-    """Accuracy points lost against fp32's own probabilities taken as soft labels: a flip where fp32 was sure costs
-    nearly a row, a flip between two near-tied labels nearly nothing. Needs no labels, so it runs over thousands of
-    texts: on a few hundred labelled rows one row is worth more than the 0.3 points allowed."""
-    return float(100 * np.mean(ref.max(-1) - ref[np.arange(len(pred)), pred])) if len(pred) else 0.0
-
-
 def measure(model_dir: Path, variant: str, texts: list[str], threads: int) -> tuple[np.ndarray, float]:
     """(probabilities, rows/s) with serve_cli's batching."""
     from export.gate import onnx_proba
@@ -178,12 +172,13 @@ def plan(methods: tuple[str, ...], keep: int) -> list[Candidate]:
     return [c for c in out if c.method in methods and (c.keep == 0 or keep > 0)]
 
 
-def qualify(cand: Candidate, max_drop: float, validation_rows: int) -> bool:
+def qualify(cand: Candidate, max_drop: float, task: Task, y: np.ndarray) -> bool:
     """The criterion (module doc); writes why into cand.why."""
+    validation_rows = len(y)
     checks = [
         (cand.expected_drop_points, max_drop, "expected drop on validation texts"),
         (cand.unlabelled_expected_drop_points, max_drop, "expected drop on training texts"),
-        (cand.drop_points, max_drop + labelled_tolerance(cand.flips, validation_rows), "labelled validation drop"),
+        (cand.drop_points, max_drop + task.labelled_tolerance(cand.flips or 0, y), "labelled validation drop"),
     ]
     failed = [f"{what} {got:+.2f} > {limit:.2f}" for got, limit, what in checks if got is not None and got > limit]
     cand.why = (f"expected drop {cand.expected_drop_points:+.2f} (validation) / {cand.unlabelled_expected_drop_points:+.2f} "
@@ -192,35 +187,35 @@ def qualify(cand: Candidate, max_drop: float, validation_rows: int) -> bool:
     return not failed
 
 
-def labelled_tolerance(flips: int | None, rows: int) -> float:
-    """Two standard errors of the labelled drop, in points: each of the `flips` validation rows whose label
-    changed turns right or wrong about as a coin does, so the net count wanders by sqrt(flips). Within it, a
-    labelled drop is noise and the expected drop decides; beyond it, int8 is really worse."""
-    return 200 * float(np.sqrt(flips or 0)) / max(rows, 1)
-
-
 class Selection:
-    """The selection texts with fp32's probabilities, measured once."""
+    """The selection texts with fp32's probabilities, measured once. The task (loraship.task) says what a
+    prediction, the headline metric and the expected drop are: accuracy for single-label, macro F1 at the
+    model's thresholds (expected drop: soft micro F1) for multi-label."""
 
     def __init__(self, onnx_dir: Path, validation: tuple[list[str], np.ndarray], unlabelled: list[str], threads: int) -> None:
+        from serve_cli.runtime import OnnxClassifier
+
         self.onnx_dir, self.threads = onnx_dir, threads
+        self.task = OnnxClassifier(onnx_dir, variant="fp32").task
         self.texts, self.y = validation[0] + unlabelled, validation[1]
         self.fp32, self.fp32_rate = measure(onnx_dir, "fp32", self.texts, threads)
         self.fp32_accuracy = self.accuracy(self.fp32)
 
     def accuracy(self, probs: np.ndarray) -> float:
-        return float((probs[: len(self.y)].argmax(-1) == self.y).mean())
+        """The task's headline metric on the validation rows."""
+        return float(self.task.metrics(self.y, probs[: len(self.y)])[self.task.headline])
 
     def score(self, cand: Candidate) -> None:
         """Measure the int8 file now in onnx_dir as `cand`."""
         probs, cand.rows_per_second = measure(self.onnx_dir, "int8", self.texts, self.threads)
-        pred, n = probs.argmax(-1), len(self.y)
+        n, task = len(self.y), self.task
         cand.accuracy = self.accuracy(probs)
         cand.drop_points = 100 * (self.fp32_accuracy - cand.accuracy)
-        cand.expected_drop_points = expected_drop_points(self.fp32[:n], pred[:n])
-        cand.unlabelled_expected_drop_points = expected_drop_points(self.fp32[n:], pred[n:])
-        cand.agreement = float((pred == self.fp32.argmax(-1)).mean())
-        cand.flips = int((pred[:n] != self.fp32[:n].argmax(-1)).sum())
+        cand.expected_drop_points = task.expected_drop(self.fp32[:n], probs[:n])
+        cand.unlabelled_expected_drop_points = task.expected_drop(self.fp32[n:], probs[n:])
+        same = task.predict(probs) == task.predict(self.fp32)
+        cand.agreement = float(same.all(-1).mean() if same.ndim == 2 else same.mean())
+        cand.flips = task.changed(self.fp32[:n], probs[:n])
 
 
 def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration: list[str], max_drop: float, threads: int,
@@ -260,7 +255,7 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
             tried.append(cand)
             if save_candidates is not None:  # benchmarks measure every candidate on other data too
                 shutil.copy(path, save_candidates / f"{cand.name}.onnx")
-            if qualify(cand, max_drop, len(sel.y)) and (chosen is None or cand.rows_per_second > chosen.rows_per_second):
+            if qualify(cand, max_drop, sel.task, sel.y) and (chosen is None or cand.rows_per_second > chosen.rows_per_second):
                 chosen = cand
             if chosen is not None and not try_all:
                 break  # candidates come fastest first: the first that qualifies is the one to keep
@@ -274,11 +269,14 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
         shutil.rmtree(work, ignore_errors=True)
     return {
         "selected_on": "validation",
+        "task": sel.task.name,
+        "metric": sel.task.headline,  # what "accuracy" and the drops below measure
         "validation_rows": len(sel.y),
         "unlabelled_rows": len(sel.texts) - len(sel.y),
         "max_drop_points": max_drop,
         "criterion": "expected drop (fp32 probabilities as soft labels) <= max on validation and on training texts; "
-                     "labelled validation drop <= max + 2 standard errors (2 sqrt(rows changed) / rows)",
+                     "labelled validation drop <= max + 2 standard errors (2 sqrt(rows changed) / rows; multi-label: "
+                     "2 sqrt(label decisions changed) / positive labels)",
         "fp32": {"accuracy": sel.fp32_accuracy, "rows_per_second": sel.fp32_rate},
         "sensitivity": [{"node": n, "added_relative_error": s} for n, s in scores[:8]],
         "candidates": [asdict(c) for c in tried],

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from export.common import META, ExportError, torch_logits
+from loraship.task import PROBLEM_TYPES, SINGLE, THRESHOLDS_KEY
 
 
 def read_adapter(adapter_dir: Path) -> dict[str, Any]:
@@ -69,6 +70,7 @@ def merge(adapter_dir: Path, meta: dict[str, Any], base_model: str, out_dir: Pat
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={n: i for i, n in enumerate(labels)},
+            problem_type=PROBLEM_TYPES[meta.get("task", SINGLE)],
             dtype=torch.float32,  # merge in fp32 whatever precision trained the adapter
             trust_remote_code=trust_remote_code,
         )
@@ -104,6 +106,8 @@ def merge(adapter_dir: Path, meta: dict[str, Any], base_model: str, out_dir: Pat
         raise ExportError(f"merge parity failed: adapter vs merged max abs logit diff {diff:.2e} > {atol:g}")
     merged.config.id2label = dict(enumerate(labels))
     merged.config.label2id = {n: i for i, n in enumerate(labels)}
+    if meta.get("thresholds"):  # multi-label decisions, chosen on validation: serving reads them from config.json
+        setattr(merged.config, THRESHOLDS_KEY, meta["thresholds"])
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return {"rows": len(texts), "max_abs_diff": diff}

@@ -43,6 +43,7 @@ from export.merge import generated_texts, merge, read_adapter
 from export.quantize import QUANTIZATION_METHODS, auto_quantization, quantize
 from loraship.fsutil import OutputError, RunDirLock, atomic_dir, temp_dir_beside
 from loraship.quiet import quiet_third_party
+from loraship.task import MULTI
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -201,7 +202,8 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
             return 0
         raise ExportError(f"{onnx_dir}: exists and was built from other inputs; pass --force to replace it or choose --output")
 
-    eval_data = load_eval_file(args.eval_file, *fields, meta["labels"]) if args.eval_file else None
+    multi = meta.get("task") == MULTI
+    eval_data = load_eval_file(args.eval_file, *fields, meta["labels"], multi) if args.eval_file else None
     texts, texts_from = parity_texts(meta, eval_data, adapter_dir, args.trust_remote_code)
     report: dict[str, Any] = {"inputs": fp, "source": {"adapter": adapter_dir.name, "run": args.run.name if args.run else None},
                               "parity_texts": {"from": texts_from, "rows": len(texts)}}
@@ -239,6 +241,9 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
         report["opset"] = args.opset
         report["versions"] = versions()
         report["labels"] = meta["labels"]
+        report["task"] = meta.get("task", "single_label")
+        if meta.get("thresholds"):
+            report["thresholds"] = meta["thresholds"]
         report["training_config"] = meta.get("config")
         report["total_seconds"] = time.perf_counter() - start
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
@@ -310,7 +315,7 @@ def int8_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any,
                selection: tuple[Path | None, Path | None], report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Build model_quantized.onnx and decide the default variant (on validation rows where there are some)."""
     t0 = time.perf_counter()
-    validation = load_eval_file(selection[0], "text", "label", meta["labels"]) if selection[0] else None
+    validation = load_eval_file(selection[0], "text", "label", meta["labels"], meta.get("task") == MULTI) if selection[0] else None
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "asimd")))
     if method == "search":
         assert validation is not None
@@ -321,10 +326,10 @@ def int8_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any,
         report["int8_search"] = found
         report["quantization"] = {"method": found["chosen"] or f"{found['shipped']} (not the default)", "cpu_flags": flags, "seconds": found["seconds"]}
         for c in found["candidates"]:
-            print(f"int8 candidate {c['name']}: validation accuracy {c['accuracy']:.4f} ({c['drop_points']:+.2f} points), expected drop "
+            print(f"int8 candidate {c['name']}: validation {found['metric']} {c['accuracy']:.4f} ({c['drop_points']:+.2f} points), expected drop "
                   f"{c['expected_drop_points']:+.2f} / {c['unlabelled_expected_drop_points']:+.2f} (validation / training texts), "
                   f"{c['rows_per_second']:.0f} rows/s" + (" <- chosen" if c["chosen"] else ""))
-        gate = {"by": "validation accuracy (int8 search)", "rows": found["validation_rows"], "verdict": found["verdict"]}
+        gate = {"by": f"validation {found['metric']} (int8 search)", "rows": found["validation_rows"], "verdict": found["verdict"]}
         default = "int8" if found["chosen"] else "fp32"
     else:
         cfg = merged.config

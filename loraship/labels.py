@@ -59,6 +59,17 @@ class LabelMap:
             return self.by_value.get(value)
         return value if 0 <= value < len(self.names) else None
 
+    def ids(self, raw: Any) -> list[int] | Any:
+        """Multi-label: the ids of a list of raw values (a single value counts as a list of one); the first
+        value that fits no label is returned instead, for the message."""
+        out = []
+        for value in raw if isinstance(raw, list) else [raw]:
+            k = self.id(value)
+            if k is None:
+                return _Unknown(value)
+            out.append(k)
+        return sorted(set(out))
+
     def rule(self) -> str:
         if self.integer_names:
             return "the labels are integers, so values match them as names, never as positions"
@@ -70,12 +81,29 @@ class LabelMap:
                           + (f". {fix}" if fix else ""))
 
 
+class _Unknown:
+    """A value of a label list that fits no label (LabelMap.ids)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def is_unknown(found: Any) -> bool:
+    return isinstance(found, _Unknown)
+
+
+def flatten(values: Iterable[Any]) -> list[Any]:
+    """Label values, the elements of multi-label lists taken one by one."""
+    return [x for v in values for x in (v if isinstance(v, list) else [v])]
+
+
 def from_data(distinct: Iterable[Any], given: list[str], source: str) -> LabelMap:
     """The label set of a training run: `given` (data.labels) in that order, else the distinct training
-    labels sorted (integers numerically), so the same data gives the same ids in every run."""
+    labels sorted (integers numerically), so the same data gives the same ids in every run. Multi-label
+    lists count by their elements."""
     if given:
         return LabelMap(given)
-    values = {str(v).strip(): v for v in distinct}
+    values = {str(v).strip(): v for v in flatten(distinct)}
     ints = [k for k, v in values.items() if is_integer(v)]
     others = [k for k, v in values.items() if not is_integer(v)]
     if ints and others:

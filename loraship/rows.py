@@ -44,11 +44,26 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Fields:
-    """Which fields a stage reads. `label`/`id` None: not read (and not required)."""
+    """Which fields a stage reads. `label`/`id` None: not read (and not required).
+
+    Multi-label rows: a label field holding a list (JSON, Parquet); or one string split at
+    `label_separator` (CSV/TSV: `joy;love`); or `label_fields`, one 0/1 column per label (the row's labels
+    are the columns set to 1; `label` is then not read)."""
 
     text: str = "text"
     label: str | None = None
     id: str | None = None
+    label_separator: str | None = None
+    label_fields: tuple[str, ...] = ()
+
+    @property
+    def reads_labels(self) -> bool:
+        return bool(self.label or self.label_fields)
+
+    def columns(self) -> list[str]:
+        """The columns a file must have."""
+        named = [self.text, self.id] + ([*self.label_fields] if self.label_fields else [self.label])
+        return list(dict.fromkeys(c for c in named if c))
 
 
 def where(file: str, n: int, unit: str) -> str:
@@ -82,41 +97,86 @@ class RowError:
         return where(self.file, self.line, self.unit)
 
 
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no", "")
+
+
+def _flag(value: Any) -> bool | None:
+    """A 0/1 label column's cell: True, False, or None when it is neither."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    return None
+
+
+def _label_problem(label: Any, name: str) -> str | None:
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        return f"field {name!r} must be a string or an integer, got {label!r}"
+    if isinstance(label, str) and not label.strip():
+        return f"field {name!r} is empty"
+    return None
+
+
+def read_label(rec: dict[str, Any], fields: Fields) -> tuple[Any, str | None]:
+    """(label, problem): a str/int for one label, a list for several (possibly empty where the format says so
+    explicitly: a JSON `[]`, all 0/1 columns at 0)."""
+    if fields.label_fields:
+        chosen = []
+        for col in fields.label_fields:
+            flag = _flag(rec.get(col))
+            if flag is None:
+                return None, f"field {col!r} must be 0 or 1, got {rec.get(col)!r}"
+            if flag:
+                chosen.append(col)
+        return chosen, None
+    assert fields.label
+    label = rec.get(fields.label)
+    if label is None:
+        return None, _missing(rec, fields.label)
+    if isinstance(label, str) and fields.label_separator is not None:
+        if not label.strip():
+            return None, f"field {fields.label!r} is empty (write no labels as an empty JSON list or 0/1 columns)"
+        label = [part for part in label.split(fields.label_separator) if part.strip()]
+    if isinstance(label, (list, tuple)):
+        for item in label:
+            problem = _label_problem(item, fields.label)
+            if problem:
+                return None, problem + " (in the list)"
+        return [x.strip() if isinstance(x, str) else x for x in label], None
+    problem = _label_problem(label, fields.label)
+    return (label.strip() if isinstance(label, str) else label), problem
+
+
+def _missing(rec: dict[str, Any], name: str) -> str:
+    if name in rec:
+        return f"missing field {name!r} (null)"
+    return f"missing field {name!r} (fields: {', '.join(map(str, rec)) or 'none'})"
+
+
 def check_record(rec: dict[str, Any], fields: Fields) -> str | None:
     """None when the record has what `fields` asks for, else the problem (the same words in every stage)."""
-    def missing(name: str) -> str:
-        if name in rec:
-            return f"missing field {name!r} (null)"
-        return f"missing field {name!r} (fields: {', '.join(map(str, rec)) or 'none'})"
-
     text = rec.get(fields.text)
     if text is None:
-        return missing(fields.text)
+        return _missing(rec, fields.text)
     if not isinstance(text, str):
         return f"field {fields.text!r} must be a string, got {type(text).__name__}"
     if not text.strip():
         return f"field {fields.text!r} is empty"
-    if fields.label:
-        label = rec.get(fields.label)
-        if label is None:
-            return missing(fields.label)
-        if isinstance(label, bool) or not isinstance(label, (str, int)):
-            return f"field {fields.label!r} must be a string or an integer, got {label!r}"
-        if isinstance(label, str) and not label.strip():
-            return f"field {fields.label!r} is empty"
     if fields.id and rec.get(fields.id) is None:
-        return missing(fields.id)
+        return _missing(rec, fields.id)
     return None
 
 
 def make_row(rec: dict[str, Any], fields: Fields, file: str, n: int, unit: str) -> Row | RowError:
     """The per-row rule every format and engine applies to a decoded record."""
     problem = check_record(rec, fields)
+    label = None
+    if problem is None and fields.reads_labels:
+        label, problem = read_label(rec, fields)
     if problem:
         return RowError(file, n, problem, unit)
-    label = rec[fields.label] if fields.label else None
-    if isinstance(label, str):
-        label = label.strip()
     return Row(file, n, rec[fields.text], label, rec[fields.id] if fields.id else None, unit)
 
 
@@ -185,7 +245,7 @@ def _json_array(data: bytes, name: str, fields: Fields) -> Iterator[Row | RowErr
 
 
 def _txt(lines: Iterable[bytes], name: str, fields: Fields) -> Iterator[Row | RowError]:
-    if fields.label:
+    if fields.reads_labels:
         raise InputError(f"{name}: plain text has no labels; use JSONL, CSV or Parquet with a {fields.label!r} field")
     for lineno, raw in enumerate(lines, start=1):
         line, err = _decode(raw, lineno)
@@ -214,8 +274,8 @@ def _csv(lines: Iterable[bytes], name: str, delimiter: str, fields: Fields) -> I
     except csv.Error as e:
         raise InputError(f"{name}:1: unreadable CSV header: {e}") from e
     columns = {col.strip(): i for i, col in enumerate(header)}
-    for needed in (fields.text, fields.label, fields.id):
-        if needed and needed not in columns:
+    for needed in fields.columns():
+        if needed not in columns:
             raise InputError(f"{name}:1: no column {needed!r} in the header (columns: {', '.join(columns)})")
     last = reader.line_num
     while True:
@@ -247,6 +307,8 @@ def _class_names(schema_metadata: dict[bytes, bytes] | None, field: str | None) 
         feature = json.loads(schema_metadata[b"huggingface"])["info"]["features"][field]
     except (KeyError, ValueError, TypeError):
         return None
+    if isinstance(feature, dict) and feature.get("_type") in ("Sequence", "List", "LargeList"):
+        feature = feature.get("feature")  # multi-label: a list of ClassLabel values
     return list(feature["names"]) if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
 
 
@@ -259,9 +321,18 @@ def _arrow_batches(batches: Iterable[Any], name: str, fields: Fields, names: lis
         for i in range(batch.num_rows):
             n += 1
             rec = {f: col[i] for f, col in cols.items()}
-            if names is not None and fields.label and isinstance(rec.get(fields.label), int) and 0 <= rec[fields.label] < len(names):
-                rec[fields.label] = names[rec[fields.label]]
+            if names is not None and fields.label:
+                rec[fields.label] = _class_name(rec.get(fields.label), names)
             yield make_row(rec, fields, name, n, "row")
+
+
+def _class_name(value: Any, names: list[str]) -> Any:
+    """A ClassLabel integer (or a list of them) as its name; anything else as it is."""
+    if isinstance(value, list):
+        return [_class_name(v, names) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+        return names[value]
+    return value
 
 
 def _parquet(f: Any, name: str, fields: Fields, row_group: int | None, first: int) -> Iterator[Row | RowError]:
@@ -272,13 +343,13 @@ def _parquet(f: Any, name: str, fields: Fields, row_group: int | None, first: in
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
         raise InputError(f"{name}: cannot read as Parquet: {e}") from e
     available = pf.schema_arrow.names
-    for needed in (fields.text, fields.label, fields.id):
-        if needed and needed not in available:
+    for needed in fields.columns():
+        if needed not in available:
             raise InputError(f"{name}: no column {needed!r} (columns: {', '.join(available)})")
-    cols = [c for c in (fields.text, fields.label, fields.id) if c]
+    cols = fields.columns()
     names = _class_names(pf.schema_arrow.metadata, fields.label)
     groups = [row_group] if row_group is not None else None
-    batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=list(dict.fromkeys(cols)), row_groups=groups)
+    batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=cols, row_groups=groups)
     return _arrow_batches(batches, name, fields, names, first)
 
 
@@ -287,10 +358,11 @@ def _hub(spec: str, fields: Fields) -> Iterator[Row | RowError]:
 
     ident, _, split = spec.partition(":")
     ds = datasets.load_dataset(ident, split=split or "train")
-    for needed in (fields.text, fields.label, fields.id):
-        if needed and needed not in ds.column_names:
+    for needed in fields.columns():
+        if needed not in ds.column_names:
             raise InputError(f"hub:{spec}: no column {needed!r} (columns: {', '.join(ds.column_names)})")
     feature = ds.features.get(fields.label) if fields.label else None
+    feature = getattr(feature, "feature", feature)  # a Sequence(ClassLabel) for multi-label sets
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     return _arrow_batches(ds.with_format("arrow").iter(batch_size=BATCH_ROWS), f"hub:{spec}", fields, names, 0)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from loraship import rows as reader
 from loraship.fsutil import OutputError, atomic_dir, check_not_locked, check_replaceable
-from loraship.labels import LabelMap
+from loraship.labels import LabelMap, is_unknown
 from loraship.rows import FORMATS, InputError, Row, RowError
 from serve_cli.io import AtomicOutput
 from serve_cli.runtime import (
@@ -86,11 +86,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ray.add_argument("--actors", type=int, default=0, help="model actors (0 = cluster CPUs / --threads-per-actor)")
     ray.add_argument("--threads-per-actor", type=positive, default=1, help="onnxruntime threads (and CPUs) per actor")
     pr.add_argument("--id-field", help="field/column used as the row id (default: the line number)")
-    pr.add_argument("--top-k", type=int, default=3, help="labels with probabilities per row")
+    pr.add_argument("--top-k", type=int, default=3, help="labels with probabilities per row (single-label models)")
+    pr.add_argument("--threshold", type=float, help="multi-label models: one decision threshold for every label "
+                    "(default: the per-label thresholds chosen on validation, stored with the model)")
 
     ev = sub.add_parser("eval", help="accuracy, F1, per-class report and confusion matrix on a labeled file")
     common(ev)
     ev.add_argument("--label-field", default="label")
+    ev.add_argument("--label-separator", help="multi-label labels in one cell, split at this string (e.g. ';')")
+    ev.add_argument("--label-fields", nargs="+", metavar="COLUMN", help="multi-label labels as one 0/1 column per label")
+    ev.add_argument("--threshold", type=float, help="multi-label models: one decision threshold for every label "
+                    "(default: the per-label thresholds chosen on validation, stored with the model)")
     ev.add_argument("--report-dir", default="eval_report", help="where the report files go")
     ev.add_argument("--compare", nargs="+", default=[], metavar="DIR[@VARIANT]",
                     help="more models or variants to evaluate side by side, e.g. runs/x/onnx@fp32")
@@ -175,9 +181,18 @@ def fail_fast(items: Iterable[Row | RowError], path: str, on_error: str) -> Iter
         yield it
 
 
-def top_k(probs: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:
-    idx = np.argsort(-probs)[:k]
-    return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in idx]
+def csv_header(task: Any, k: int) -> list[str]:
+    """CSV/TSV columns: id, label, score, top-k pairs; multi-label: id, the labels on (joined by ';'), then
+    one probability column per label."""
+    if task.multi:
+        return ["id", "labels", *(f"score_{n}" for n in task.labels)]
+    return ["id", "label", "score"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "score")]
+
+
+def csv_row(rid: Any, row: dict[str, Any]) -> list[Any]:
+    if "labels" in row:
+        return [rid, ";".join(row["labels"]), *row["scores"].values()]
+    return [rid, row["label"], row["score"]] + [v for t in row["top_k"] for v in (t["label"], t["score"])]
 
 
 def cmd_predict_ray(args: argparse.Namespace) -> int:
@@ -224,7 +239,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             import csv
 
             writer = csv.writer(out.f, delimiter="\t" if out_fmt == "tsv" else ",")
-            writer.writerow(["id", "label", "score"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "score")])
+            writer.writerow(csv_header(clf.task, k))
         n_ok = n_err = 0
         progress = Progress(not args.quiet)
         for item, probs in predict_in_order(clf, fail_fast(rows, args.input, args.on_error), args.batch_size, row_text):
@@ -236,12 +251,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     print(f"{item.where}: {item.message}", file=sys.stderr)
                 continue
             assert probs is not None
-            best = top_k(probs, clf.labels, k)
             rid = item.id if args.id_field else (item.line if item.file == args.input else item.where)
+            row = clf.task.row_output(probs, k, args.threshold)
             if writer is not None:
-                writer.writerow([rid, best[0]["label"], best[0]["score"]] + [v for t in best for v in (t["label"], t["score"])])
+                writer.writerow(csv_row(rid, row))
             else:
-                out.f.write(json.dumps({"id": rid, "label": best[0]["label"], "score": best[0]["score"], "top_k": best}, ensure_ascii=False) + "\n")
+                out.f.write(json.dumps({"id": rid, **row}, ensure_ascii=False) + "\n")
             n_ok += 1
             progress.update(n_ok + n_err)
         progress.close()
@@ -269,13 +284,12 @@ def parse_model_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def evaluate_model(clf: OnnxClassifier, texts: list[str], y: np.ndarray, batch_size: int) -> dict[str, Any]:
-    from loraship.metrics import classification_report
-
+def evaluate_model(clf: OnnxClassifier, texts: list[str], y: np.ndarray, batch_size: int, threshold: float | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     probs = proba_in_order(clf, texts, batch_size)
     seconds = time.perf_counter() - t0
-    report = classification_report(y, probs.argmax(-1), clf.labels)
+    report = clf.task.metrics(y, probs, threshold)
+    report["task"] = clf.task.name
     report.update({
         "model": str(clf.model_dir), "variant": clf.variant, "file": clf.path.name, "bytes": clf.path.stat().st_size,
         "seconds": seconds, "rows_per_second": len(texts) / seconds if seconds else None,
@@ -359,12 +373,14 @@ def error_record(item: RowError) -> dict[str, Any]:
     return {"file": item.file, "line": item.line, "where": item.where, "error": item.message}
 
 
-def read_labeled(args: argparse.Namespace, labels: list[str]) -> tuple[list[str], list[int], list[dict[str, Any]], int]:
-    """(texts, label ids, bad rows, rows with unknown labels) of the eval input."""
+def read_labeled(args: argparse.Namespace, labels: list[str], multi: bool = False) -> tuple[list[str], list[Any], list[dict[str, Any]], int]:
+    """(texts, label ids (multi-label: 0/1 rows), bad rows, rows with unknown labels) of the eval input."""
     label_map = LabelMap(labels)
-    _, rows_iter = reader.read(args.input, args.format, reader.Fields(args.text_field, args.label_field))
+    fields = reader.Fields(args.text_field, None if args.label_fields else args.label_field,
+                           label_separator=args.label_separator, label_fields=tuple(args.label_fields or ()))
+    _, rows_iter = reader.read(args.input, args.format, fields)
     texts: list[str] = []
-    y: list[int] = []
+    y: list[Any] = []
     errors: list[dict[str, Any]] = []
     unknown = 0
     for item in fail_fast(rows_iter, args.input, args.on_error):
@@ -373,14 +389,15 @@ def read_labeled(args: argparse.Namespace, labels: list[str]) -> tuple[list[str]
             if not args.quiet and args.on_error == "skip":
                 print(f"{item.where}: {item.message}", file=sys.stderr)
             continue
-        target = label_map.id(item.label)
-        if target is None:
+        target = label_map.ids(item.label) if multi else label_map.id(item.label)
+        if target is None or is_unknown(target):
             if args.unknown_labels == "error":
-                raise RowFailure(str(label_map.unknown(item.where, item.label, "--unknown-labels count leaves such rows out")))
+                value = getattr(target, "value", item.label)
+                raise RowFailure(str(label_map.unknown(item.where, value, "--unknown-labels count leaves such rows out")))
             unknown += 1
             continue
         texts.append(item.text)
-        y.append(target)
+        y.append([int(i in target) for i in range(len(labels))] if multi else target)
     if not texts:
         raise InputError(f"{args.input}: no labeled rows to evaluate")
     return texts, y, errors, unknown
@@ -409,28 +426,24 @@ def run_eval(args: argparse.Namespace, report_dir: Path, errors_out: AtomicOutpu
     for m in models[1:]:
         if m.labels != labels:
             raise InputError(f"{m.model_dir}: labels {m.labels} differ from {labels}; compare models of one label set")
-    texts, y, errors, unknown = read_labeled(args, labels)
+    task = models[0].task
+    texts, y, errors, unknown = read_labeled(args, labels, task.multi)
     y_arr = np.array(y)
 
-    results = [evaluate_model(m, texts, y_arr, args.batch_size) for m in models]
+    results = [evaluate_model(m, texts, y_arr, args.batch_size, args.threshold) for m in models]
     main_result = results[0]["report"]
     main_result["row_errors"] = len(errors)
     main_result["unknown_labels"] = unknown
-    pred = results[0]["probs"].argmax(-1)
+    pred = task.predict(results[0]["probs"], args.threshold)
     extra = {name: m.compute(predictions=pred.tolist(), references=y_arr.tolist()) for name, m in metrics}
 
     with atomic_dir(report_dir, args.overwrite, "--overwrite", "serve_cli eval report") as tmp:
-        table = [r["report"] for r in results]
-        (tmp / "metrics.json").write_text(json.dumps({**main_result, "extra_metrics": extra,
-                                                      "compare": [{k: r[k] for k in ("model", "variant", "accuracy", "f1_weighted", "f1_macro", "rows_per_second", "bytes")} for r in table]}, indent=2))
-        (tmp / "confusion_matrix.json").write_text(json.dumps({"labels": labels, "matrix": main_result["confusion_matrix"]}, indent=2))
-        title = f"{Path(main_result['model']).resolve().parent.name}/{Path(main_result['model']).name} ({main_result['variant']})"
-        plotted = plot_confusion(np.array(main_result["confusion_matrix"]), labels, tmp / "confusion_matrix.png", title)
-        with (tmp / "predictions.jsonl").open("w", encoding="utf-8") as f:
-            for text, t, p in zip(texts, y_arr, results[0]["probs"], strict=True):
-                f.write(json.dumps({"text": text, "true": labels[t], "pred": labels[int(p.argmax())],
-                                    "probs": {n: round(float(v), 6) for n, v in zip(labels, p, strict=True)}}, ensure_ascii=False) + "\n")
-        (tmp / "report.md").write_text(markdown_report(main_result, table, extra, args.input, unknown, plotted))
+        if task.multi:
+            from serve_cli.eval_multilabel import write_report
+
+            write_report(tmp, task, texts, y_arr, results, extra, args)
+        else:
+            write_single_label_report(tmp, labels, texts, y_arr, results, extra, args, unknown)
         if args.on_error == "record":
             out = errors_out.f if errors_out is not None else (tmp / "errors.jsonl").open("w", encoding="utf-8")
             out.write("".join(json.dumps(e) + "\n" for e in errors))
@@ -441,12 +454,30 @@ def run_eval(args: argparse.Namespace, report_dir: Path, errors_out: AtomicOutpu
     if not args.quiet:
         for r in results:
             rep = r["report"]
-            print(f"{rep['model']} ({rep['variant']}): accuracy {rep['accuracy']:.4f}, weighted F1 {rep['f1_weighted']:.4f}, "
-                  f"macro F1 {rep['f1_macro']:.4f}, {rep['rows_per_second']:.0f} rows/s", file=sys.stderr)
+            print(f"{rep['model']} ({rep['variant']}): " + (f"macro F1 {rep['f1_macro']:.4f}, micro F1 {rep['f1_micro']:.4f}"
+                  if task.multi else f"accuracy {rep['accuracy']:.4f}, weighted F1 {rep['f1_weighted']:.4f}, macro F1 {rep['f1_macro']:.4f}")
+                  + f", {rep['rows_per_second']:.0f} rows/s", file=sys.stderr)
         if errors:
             print(f"{len(errors)} bad rows" + (f": {args.errors_file or report_dir / 'errors.jsonl'}" if args.on_error == "record" else " skipped"), file=sys.stderr)
         print(f"report: {report_dir}/report.md", file=sys.stderr)
     return 0
+
+
+def write_single_label_report(tmp: Path, labels: list[str], texts: list[str], y_arr: np.ndarray, results: list[dict[str, Any]],
+                          extra: dict[str, Any], args: argparse.Namespace, unknown: int) -> None:
+    """metrics.json, the confusion matrix (JSON and PNG), predictions.jsonl and report.md of a single-label model."""
+    main_result = results[0]["report"]
+    table = [r["report"] for r in results]
+    (tmp / "metrics.json").write_text(json.dumps({**main_result, "extra_metrics": extra,
+                                                  "compare": [{k: r[k] for k in ("model", "variant", "accuracy", "f1_weighted", "f1_macro", "rows_per_second", "bytes")} for r in table]}, indent=2))
+    (tmp / "confusion_matrix.json").write_text(json.dumps({"labels": labels, "matrix": main_result["confusion_matrix"]}, indent=2))
+    title = f"{Path(main_result['model']).resolve().parent.name}/{Path(main_result['model']).name} ({main_result['variant']})"
+    plotted = plot_confusion(np.array(main_result["confusion_matrix"]), labels, tmp / "confusion_matrix.png", title)
+    with (tmp / "predictions.jsonl").open("w", encoding="utf-8") as f:
+        for text, t, p in zip(texts, y_arr, results[0]["probs"], strict=True):
+            f.write(json.dumps({"text": text, "true": labels[t], "pred": labels[int(p.argmax())],
+                                "probs": {n: round(float(v), 6) for n, v in zip(labels, p, strict=True)}}, ensure_ascii=False) + "\n")
+    (tmp / "report.md").write_text(markdown_report(main_result, table, extra, args.input, unknown, plotted))
 
 
 def cmd_info(args: argparse.Namespace) -> int:

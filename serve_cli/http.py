@@ -33,8 +33,9 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from loraship.task import Task
 from serve_cli.page import PAGE
-from serve_cli.runtime import OnnxClassifier, softmax
+from serve_cli.runtime import OnnxClassifier
 
 log = logging.getLogger("serve_cli.http")
 
@@ -240,12 +241,20 @@ def parse_predict(body: bytes, limits: Limits) -> tuple[list[str], bool, bool, b
     return texts, single, flags["raw_scores"], flags["truncate"], top_k
 
 
-def scores(logits: np.ndarray, labels: list[str], raw: bool, top_k: int | None) -> list[list[dict[str, Any]]]:
-    values = logits if raw else softmax(logits)
+def scores(logits: np.ndarray, task: Task, raw: bool, top_k: int | None) -> list[list[dict[str, Any]]]:
+    """TEI's shape: per input, labels with scores, best first. Multi-label: each label's sigmoid probability
+    (they do not sum to 1) and `chosen`, whether it is on at its threshold (the same decision as files)."""
+    probs = task.probs(logits)
+    values = logits if raw else probs
+    on = task.predict(probs) if task.multi else None
     out = []
-    for row in values:
-        order = np.argsort(-row)[: top_k or len(labels)]
-        out.append([{"score": float(row[i]), "label": labels[i]} for i in order])
+    for r, row in enumerate(values):
+        order = np.argsort(-row)[: top_k or len(task.labels)]
+        items = [{"score": float(row[i]), "label": task.labels[i]} for i in order]
+        if on is not None:
+            for item, i in zip(items, order, strict=True):
+                item["chosen"] = bool(on[r, i])
+        out.append(items)
     return out
 
 
@@ -338,7 +347,7 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
         if not state["ready"]:
             raise ApiError(503, "model is loading", "Unhealthy")
         logits = await state["batcher"].submit(texts, truncate)
-        result = scores(logits, clf.labels, raw, top_k)
+        result = scores(logits, clf.task, raw, top_k)
         return JSONResponse(result[0] if single else result)
 
     @app.get("/health")
@@ -353,7 +362,8 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
     async def info() -> dict[str, Any]:
         return {
             # The dir's name only: where the server keeps its files is none of a client's business.
-            "model": clf.model_dir.name, "labels": clf.labels, "variant": clf.variant,
+            "model": clf.model_dir.name, "labels": clf.labels, "variant": clf.variant, "task": clf.task.name,
+            "thresholds": clf.task.thresholds,
             "quantization": (clf.report.get("quantization") or {}).get("method") if clf.variant == "int8" else None,
             "max_length": clf.max_length, "limits": asdict(limits), "version": _version(),
             "workers": len(models), "threads_per_worker": clf.threads,

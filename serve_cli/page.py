@@ -25,7 +25,7 @@ PAGE = """<!doctype html>
   <textarea id="text" placeholder="Type a text to classify"></textarea>
   <button type="submit">Classify</button>
 </form>
-<p>Top label: <strong id="top-label">-</strong></p>
+<p><span id="top-what">Top label</span>: <strong id="top-label">-</strong></p>
 <div id="bars"></div>
 <p id="error"></p>
 <div id="info"></div>
@@ -46,12 +46,15 @@ async function classify(value) {
     const score = document.createElement("span"); score.className = "score"; score.textContent = s.score.toFixed(3);
     row.append(name, bar, score); bars.append(row);
   }
-  document.getElementById("top-label").textContent = body[0].label;
+  const multi = body.length && "chosen" in body[0];
+  document.getElementById("top-what").textContent = multi ? "Labels" : "Top label";
+  document.getElementById("top-label").textContent =
+    multi ? (body.filter(s => s.chosen).map(s => s.label).join(", ") || "(none above its threshold)") : body[0].label;
 }
 form.addEventListener("submit", (e) => { e.preventDefault(); if (text.value.trim()) classify(text.value); });
 fetch("/info").then(r => r.json()).then(i => {
   document.getElementById("info").textContent =
-    "model: " + i.model + "\\nvariant: " + i.variant + (i.quantization ? " (" + i.quantization + ")" : "") +
+    "model: " + i.model + " (" + i.task.replace("_", "-") + ")\\nvariant: " + i.variant + (i.quantization ? " (" + i.quantization + ")" : "") +
     "\\nlabels: " + i.labels.join(", ") + "\\nmax length: " + i.max_length + " tokens\\nversion: " + i.version;
 });
 const params = new URLSearchParams(location.search);

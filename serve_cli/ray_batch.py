@@ -35,11 +35,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from loraship import rows as reader
 from loraship.files import REPORT
 from loraship.fsutil import atomic_dir
+from loraship.task import Task
 from serve_cli.runtime import (
     VARIANT_FILES,
     ModelDirError,
@@ -50,8 +49,11 @@ from serve_cli.runtime import (
 )
 
 ROWS_SCHEMA = [("file", "string"), ("row", "int64"), ("id", "string"), ("text", "string"), ("error", "string")]
+# Single-label rows fill label, score, top_k; multi-label rows labels and scores (JSON text, as serve_cli
+# predict writes them), so every output format has one type per column.
 OUT_SCHEMA = [("file", "string"), ("row", "int64"), ("id", "string"), ("label", "string"), ("score", "float64"),
-              ("top_k", "string"), ("error", "string")]
+              ("top_k", "string"), ("labels", "string"), ("scores", "string"), ("error", "string")]
+PREDICTION_COLUMNS = ("label", "score", "top_k", "labels", "scores")
 SUFFIXES = {k: v for k, v in reader.SUFFIXES.items() if v != "txt"}  # "json": JSON Lines or an array, by content
 READ_ROWS = 4096  # rows per table a reader task yields
 WINDOW_BATCHES = 32  # model batches per actor call, sorted by length together (the local engine's window)
@@ -233,13 +235,10 @@ class Predictor:
         ok = [i for i, e in enumerate(cols["error"]) if e is None]
         probs = predict_proba_sorted(self.clf, [cols["text"][i] for i in ok], self.batch_size)
         n = batch.num_rows
-        cols.update({"label": [None] * n, "score": [None] * n, "top_k": [None] * n})
+        cols.update({c: [None] * n for c in PREDICTION_COLUMNS})
         for i, p in zip(ok, probs, strict=True):
-            idx = np.argsort(-p)[: self.k]
-            cols["label"][i] = self.clf.labels[idx[0]]
-            cols["score"][i] = round(float(p[idx[0]]), 6)
-            # JSON text: the same top_k as `serve_cli predict`, and one type in every output format.
-            cols["top_k"][i] = json.dumps([{"label": self.clf.labels[j], "score": round(float(p[j]), 6)} for j in idx])
+            for key, value in self.clf.task.row_output(p, self.k).items():  # the same values as serve_cli predict
+                cols[key][i] = value if key in ("label", "score") else json.dumps(value)
         return _table(cols, OUT_SCHEMA)
 
 
@@ -264,12 +263,13 @@ def _init_ray(address: str | None) -> Any:
     return ray
 
 
-def _split(table: Any, errors: bool) -> Any:
+def _split(table: Any, errors: bool, unused: list[str]) -> Any:
+    """The error rows, or the predicted rows without the error column and the other task's columns."""
     import pyarrow.compute as pc
 
     mask = pc.is_valid(table["error"]) if errors else pc.is_null(table["error"])
     part = table.filter(mask)
-    return part.select(["file", "row", "id", "error"]) if errors else part.drop_columns(["error"])
+    return part.select(["file", "row", "id", "error"]) if errors else part.drop_columns(["error", *unused])
 
 
 def lost_rows(read: Any, predicted: Any) -> Any:
@@ -287,7 +287,7 @@ def lost_rows(read: Any, predicted: Any) -> Any:
     message = (f"the model worker died {MAX_BATCH_RETRIES + 1} times on the batch holding this row "
                "(out of memory?); try a smaller --batch-size or more memory per actor")
     cols = {"file": lost["file"].to_pylist(), "row": lost["row"].to_pylist(), "id": lost["id"].to_pylist(),
-            "label": [None] * n, "score": [None] * n, "top_k": [None] * n, "error": [message] * n}
+            **{c: [None] * n for c in PREDICTION_COLUMNS}, "error": [message] * n}
     return _table(cols, OUT_SCHEMA)
 
 
@@ -301,7 +301,7 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
     """Read, predict and write; returns the counts. Raises RayJobError/ModelDirError for what the user can fix."""
     start = time.perf_counter()
     model_dir = Path(args.model)
-    _, report = read_model_dir(model_dir)
+    config, report = read_model_dir(model_dir)
     variant = args.variant or default_variant(model_dir, report)
     if not (model_dir / VARIANT_FILES[variant]).is_file():
         raise ModelDirError(f"{model_dir / VARIANT_FILES[variant]}: variant {variant} not in this export")
@@ -356,8 +356,9 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
             lost = lost_rows(read, predicted)
             if lost is not None:
                 predicted = ray.data.from_arrow([*ray.get(predicted.to_arrow_refs()), lost])
-            ok = predicted.map_batches(_split, fn_kwargs={"errors": False}, batch_format="pyarrow")
-            bad = predicted.map_batches(_split, fn_kwargs={"errors": True}, batch_format="pyarrow")
+            unused = ["label", "score", "top_k"] if Task.from_config(config).multi else ["labels", "scores"]
+            ok = predicted.map_batches(_split, fn_kwargs={"errors": False, "unused": unused}, batch_format="pyarrow")
+            bad = predicted.map_batches(_split, fn_kwargs={"errors": True, "unused": unused}, batch_format="pyarrow")
             n_in, n_ok, n_err = read.count(), ok.count(), bad.count()
             if n_in != n_ok + n_err:
                 raise RayJobError(f"row counts do not add up: {n_in} in, {n_ok} predicted, {n_err} errors")

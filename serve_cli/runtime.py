@@ -19,6 +19,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from loraship.files import REPORT
+from loraship.task import Task, softmax
+
+__all__ = ["Task", "softmax"]
 
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_quantized.onnx"}
 CHARS_PER_TOKEN_CAP = 64  # characters kept per token of max_length before tokenizing
@@ -67,7 +70,8 @@ class OnnxClassifier:
 
         self.model_dir = Path(model_dir)
         config, report = read_model_dir(self.model_dir)
-        self.labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        self.task = Task.from_config(config)
+        self.labels = self.task.labels
         self.report = report
         self.variant = variant or default_variant(self.model_dir, report)
         if self.variant not in VARIANT_FILES:
@@ -132,12 +136,12 @@ class OnnxClassifier:
         return self.run(self.encode(texts))
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
-        return softmax(self.logits(texts))
+        return self.task.probs(self.logits(texts))
 
 
 def predict_proba_sorted(clf: OnnxClassifier, texts: list[str], batch_size: int) -> np.ndarray:
     """Probabilities in input order, computed in length-sorted batches (far less padding than file order)."""
-    return softmax(logits_sorted(clf, texts, batch_size))
+    return clf.task.probs(logits_sorted(clf, texts, batch_size))
 
 
 def logits_sorted(clf: OnnxClassifier, texts: list[str], batch_size: int) -> np.ndarray:
@@ -149,12 +153,6 @@ def logits_sorted(clf: OnnxClassifier, texts: list[str], batch_size: int) -> np.
         ks = order[b : b + batch_size]
         logits[ks] = clf.run([encs[k] for k in ks])
     return logits
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 T = TypeVar("T")

@@ -168,3 +168,40 @@ def assert_same_trained_weights(a: Path, b: Path) -> None:
     assert trained
     for k in trained:
         torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=1e-6)
+
+
+def make_multilabel(n: int, seed: int) -> list[tuple[str, list[str]]]:
+    """Texts with zero to two labels each: words of each label they carry, and common words (some rows have
+    none of the label words: no label)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        chosen = sorted(rng.sample(LABELS, [0, 1, 1, 2][i % 4]))
+        words = [rng.choice(CLASS_WORDS[label]) for label in chosen for _ in range(rng.randint(1, 3))]
+        words += [rng.choice(COMMON) for _ in range(rng.randint(2, 8))]
+        rng.shuffle(words)
+        rows.append((" ".join(words), chosen))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def ml_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Multi-label toy data as JSONL lists: train (240), validation (80), test (80)."""
+    d = tmp_path_factory.mktemp("ml-data")
+    for name, n, seed in (("train", 240, 11), ("validation", 80, 12), ("test", 80, 13)):
+        write_jsonl(d / f"{name}.jsonl", make_multilabel(n, seed), label_field="labels")  # type: ignore[arg-type]
+    return d
+
+
+@pytest.fixture(scope="session")
+def ml_exported(tiny_bert: Path, ml_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A multi-label tiny run (LoRA B initialised non-zero) and its ONNX dir (the int8 search on validation)."""
+    from export.to_onnx import main as export_main
+    from trainer.train import main as train_main
+
+    run = tmp_path_factory.mktemp("ml-runs") / "run"
+    assert train_main(tiny_args(tiny_bert, ml_data, run, "data.validation=validation.jsonl", "data.test=test.jsonl",
+                                "data.label_field=labels", "lora.init_std=0.02", "train.epochs=4",
+                                "train.threshold_min_positives=10")) == 0
+    assert export_main(["--run", str(run), "--eval-file", str(ml_data / "test.jsonl")]) == 0
+    return run / "onnx"

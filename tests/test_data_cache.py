@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from loraship.labels import LabelMap
+from loraship.rows import Fields
 from tests.conftest import make_texts, tiny_args, write_jsonl
 from trainer import data_cache
 from trainer.data import DataError
@@ -24,7 +25,7 @@ def tokenizer(tiny_bert: Path):
 
 
 def build(path: Path, tok, root: Path, max_length: int = 32):
-    return load_or_build(str(path), "text", "label", max_length, tok, root, progress=False)
+    return load_or_build(str(path), Fields("text", "label"), max_length, tok, root, progress=False)
 
 
 def test_encoder_equals_the_tokenizer_call(tokenizer) -> None:
@@ -112,7 +113,7 @@ def test_memory_stays_flat_in_the_row_count(tmp_path: Path, tokenizer, monkeypat
     for n in (2_000, 20_000):
         f = write_jsonl(tmp_path / f"d{n}.jsonl", make_texts(n, seed=5))
         tracemalloc.start()
-        data_cache.build_split(str(f), "text", "label", encoder, tmp_path / str(n), progress=False)
+        data_cache.build_split(str(f), Fields("text", "label"), encoder, tmp_path / str(n), progress=False)
         split = data_cache.load_split(tmp_path / str(n), str(f))
         split.assign_labels(LabelMap(["World", "Sports", "Business", "Sci/Tech"]))
         lengths = split.lengths()

@@ -117,26 +117,29 @@ def test_search_smooths_an_activation_outlier(tiny_bert: Path, toy_data: Path, t
 def test_qualify_needs_both_expected_drops_and_a_labelled_drop_within_its_noise() -> None:
     import numpy as np
 
-    from export.int8_search import Candidate, expected_drop_points, labelled_tolerance, qualify
+    from export.int8_search import Candidate, qualify
+    from loraship.task import Task
 
+    task = Task("single_label", ["a", "b"])
     ref = np.array([[0.9, 0.1], [0.55, 0.45], [0.2, 0.8]])
     # A flip where fp32 was sure costs 0.8 of a row, a near-tie flip 0.1: (0.8 + 0.1) / 3 rows = 30 points.
-    assert expected_drop_points(ref, np.array([1, 1, 1])) == pytest.approx(30.0)
-    assert expected_drop_points(ref, ref.argmax(-1)) == 0.0
+    assert task.expected_drop(ref, np.array([[0.1, 0.9], [0.45, 0.55], [0.2, 0.8]])) == pytest.approx(30.0)
+    assert task.expected_drop(ref, ref) == 0.0
     # 4 of 400 rows changed: the net count wanders by sqrt(4) = 2 rows = 0.5 points; two of those: 1 point.
-    assert labelled_tolerance(4, 400) == pytest.approx(1.0) and labelled_tolerance(0, 400) == 0.0
+    y = np.zeros(400, dtype=int)
+    assert task.labelled_tolerance(4, y) == pytest.approx(1.0) and task.labelled_tolerance(0, y) == 0.0
 
     def cand(drop: float, flips: int, expected: float = 0.1, unlabelled: float = 0.1) -> Candidate:
         return Candidate("c", "dynamic", drop_points=drop, flips=flips, expected_drop_points=expected,
                          unlabelled_expected_drop_points=unlabelled)
 
-    assert qualify(cand(1.25, 4), 0.3, validation_rows=400), "1.25 <= 0.3 + 1.0: within the labelled noise"
+    assert qualify(cand(1.25, 4), 0.3, task, y), "1.25 <= 0.3 + 1.0: within the labelled noise"
     worse = cand(1.5, 4)
-    assert not qualify(worse, 0.3, validation_rows=400) and "labelled validation drop" in worse.why
+    assert not qualify(worse, 0.3, task, y) and "labelled validation drop" in worse.why
     held_out = cand(0.0, 0, expected=0.5, unlabelled=0.0)
-    assert not qualify(held_out, 0.3, validation_rows=400) and "on validation texts" in held_out.why
+    assert not qualify(held_out, 0.3, task, y) and "on validation texts" in held_out.why
     training = cand(0.0, 0, expected=0.0, unlabelled=0.5)
-    assert not qualify(training, 0.3, validation_rows=400) and "on training texts" in training.why
+    assert not qualify(training, 0.3, task, y) and "on training texts" in training.why
 
 
 def test_smoothing_keeps_the_fp32_function(outlier_run: Path, tmp_path: Path) -> None:

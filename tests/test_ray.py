@@ -256,6 +256,7 @@ def test_one_messy_file_means_the_same_rows_and_errors_in_every_stage(cluster: s
                                                                       tiny_bert: Path, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """Training, export --eval-file, serve_cli predict, serve_cli eval and --engine ray read one file alike."""
+    from loraship.rows import Fields
     from serve_cli.__main__ import main as serve_main
     from tests.conftest import tiny_args
     from trainer.data import DataError, iter_rows
@@ -293,7 +294,7 @@ def test_one_messy_file_means_the_same_rows_and_errors_in_every_stage(cluster: s
     # Training stops at the first bad row with the same words, after the same rows.
     rows, stop = [], None
     try:
-        for row in iter_rows(str(src), "text", "label"):
+        for row in iter_rows(str(src), Fields("text", "label")):
             rows.append((row.line, row.text, row.label))
     except DataError as e:
         stop = str(e)
@@ -310,3 +311,23 @@ def test_one_messy_file_means_the_same_rows_and_errors_in_every_stage(cluster: s
                            str(tmp_path / "onnx"), "--eval-file", str(src)], capture_output=True, text=True, env=env(), cwd=REPO,
                           timeout=300)
     assert proc.returncode == 1 and first_error in proc.stderr, proc.stderr[-2000:]
+
+
+def test_multi_label_rows_equal_local_predict(cluster: str, ml_exported: Path, ml_data: Path, tmp_path: Path) -> None:
+    local = tmp_path / "local.jsonl"
+    res = subprocess.run([sys.executable, "-m", "serve_cli", "predict", "--model", str(ml_exported), "--variant", "fp32",
+                          "--input", str(ml_data / "test.jsonl"), "--output", str(local), "--quiet"],
+                         capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
+    assert res.returncode == 0, res.stderr
+    want = {r["id"]: r for r in map(json.loads, local.read_text().splitlines())}
+    out = tmp_path / "ray"
+    res = ray_predict(cluster, "--model", str(ml_exported), "--variant", "fp32", "--input", str(ml_data / "test.jsonl"),
+                      "--output", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = read_output(out)
+    assert len(got) == len(want) and "label" not in got[0] and "top_k" not in got[0]
+    for r in got:
+        ref = want[r["row"]]
+        assert json.loads(r["labels"]) == ref["labels"]
+        scores = json.loads(r["scores"])
+        np.testing.assert_allclose([scores[k] for k in ref["scores"]], list(ref["scores"].values()), atol=1e-6)

@@ -107,6 +107,21 @@ class DataConfig:
     test: str = field(default="", metadata={"doc": "Test data, evaluated once at the end with the best adapter; empty = none."})
     text_field: str = field(default="text", metadata={"doc": "Field holding the input text."})
     label_field: str = field(default="label", metadata={"doc": "Field holding the label (string or integer)."})
+    task: Literal["auto", "single_label", "multi_label"] = field(
+        default="auto",
+        metadata={"doc": "'auto': multi_label when the training labels hold lists, or data.label_separator or "
+                  "data.label_fields is set; else single_label. summary.json says which and why."},
+    )
+    label_separator: str = field(
+        default="",
+        metadata={"doc": "Multi-label in one text cell (CSV/TSV): split the label field at this string, e.g. ';'. "
+                  "Empty = a label cell is one label."},
+    )
+    label_fields: list[str] = field(
+        default_factory=list,
+        metadata={"doc": "Multi-label as one 0/1 column per label (the Kaggle/SemEval shape): these columns, in "
+                  "label order; they are the labels, and data.label_field is not read. Empty = not used."},
+    )
     labels: list[str] = field(
         default_factory=list,
         metadata={"doc": "Label names in id order; empty = taken from the training data (first-seen order sorted)."},
@@ -181,8 +196,22 @@ class TrainConfig:
             "at most 10), so rare labels count as much as common ones; for imbalanced data where macro F1 matters."
         },
     )
-    metric_for_best: Literal["accuracy", "f1_weighted", "f1_macro", "loss"] = field(
-        default="accuracy", metadata={"doc": "Validation metric that picks the best adapter (loss: lower is better)."}
+    metric_for_best: Literal["auto", "accuracy", "f1_weighted", "f1_macro", "f1_micro", "loss"] = field(
+        default="auto",
+        metadata={"doc": "Validation metric that picks the best adapter (loss: lower is better). 'auto': accuracy "
+                  "for single-label; macro F1 (at the best global threshold on validation) for multi-label, so "
+                  "rare labels count as much as frequent ones and one big label (neutral) cannot carry it."},
+    )
+    pos_weight: Literal["none", "auto"] = field(
+        default="none",
+        metadata={"doc": "Multi-label: 'auto' weighs each label's positives in the loss by negatives / positives "
+                  "(at most 10): more recall on rare labels. 'none': plain binary cross-entropy."},
+    )
+    threshold_min_positives: int = field(
+        default=20,
+        metadata={"doc": "Multi-label: a label gets its own decision threshold (chosen on validation) only with at "
+                  "least this many positive validation rows; rarer labels use the global threshold (fewer rows make "
+                  "a noisy choice)."},
     )
     eval_baseline: bool = field(default=False, metadata={"doc": "Evaluate the untrained model (random head) before training."})
     resume: str = field(default="", metadata={"doc": "'latest' or a checkpoint dir to continue from; empty = fresh run."})
@@ -334,7 +363,12 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         (cfg.data.max_train_samples >= 0, "data.max_train_samples: expected >= 0"),
         (bool(cfg.data.train), "data.train: required; set it in the YAML or with data.train=PATH"),
         (bool(cfg.data.text_field), "data.text_field: must not be empty"),
-        (bool(cfg.data.label_field), "data.label_field: must not be empty"),
+        (bool(cfg.data.label_field) or bool(cfg.data.label_fields), "data.label_field: must not be empty"),
+        (not (cfg.data.label_fields and cfg.data.label_separator),
+         "data.label_fields and data.label_separator: give one (0/1 columns, or one cell split at a separator)"),
+        (not (cfg.data.task == "single_label" and (cfg.data.label_fields or cfg.data.label_separator)),
+         "data.task=single_label: data.label_fields / data.label_separator make labels lists; use data.task=multi_label or auto"),
+        (cfg.train.threshold_min_positives >= 1, "train.threshold_min_positives: expected >= 1"),
         (len(set(cfg.data.labels)) == len(cfg.data.labels), "data.labels: contains duplicates"),
         (cfg.data.labels == [] or len(cfg.data.labels) >= 2, "data.labels: give at least two labels or leave empty"),
         (cfg.train.epochs == "auto" or cfg.train.epochs > 0 or cfg.train.max_steps > 0,

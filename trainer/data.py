@@ -17,7 +17,7 @@ from torch.utils.data import Sampler
 from loraship import labels as labels_mod
 from loraship import rows as rows_mod
 from loraship.labels import LabelError, LabelMap
-from loraship.rows import Row
+from loraship.rows import Fields, Row
 
 Label = str | int  # a raw label as read: a string, or an integer (JSON number, Parquet int column)
 
@@ -29,11 +29,11 @@ class DataError(ValueError):
 BATCH_ROWS = 10_000  # rows per Arrow record batch and per tokenizer call
 
 
-def iter_rows(source: str, text_field: str, label_field: str) -> Iterator[Row]:
+def iter_rows(source: str, fields: Fields) -> Iterator[Row]:
     """Checked rows of one split, streamed through the one reader; the first bad row stops training
     with the reader's own words (`file:line: problem`)."""
     try:
-        _, rows = rows_mod.read(source, "auto", rows_mod.Fields(text_field, label_field))
+        _, rows = rows_mod.read(source, "auto", fields)
         count = 0
         for item in rows:
             if isinstance(item, rows_mod.RowError):
@@ -65,7 +65,7 @@ class LabeledRows:
 
 def load_rows(source: str, text_field: str, label_field: str) -> LabeledRows:
     out = LabeledRows(source, [], [], [])
-    for row in iter_rows(source, text_field, label_field):
+    for row in iter_rows(source, Fields(text_field, label_field)):
         out.wheres.append(row.where)
         out.texts.append(row.text)
         out.labels.append(row.label)
@@ -111,6 +111,17 @@ def stratified_split(labels: np.ndarray | Sequence[int], fraction: float, seed: 
     return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(val_parts))
 
 
+def rarest_label(y: np.ndarray) -> np.ndarray:
+    """Multi-label stratification key: each row's rarest label (by training frequency), -1 for no label.
+    Stratifying on it keeps every label's rare rows in both parts (a documented simpler rule than iterative
+    stratification; it holds each label's share within a row or two on GoEmotions-like data)."""
+    y = np.asarray(y) > 0
+    freq = y.sum(0).astype(float)
+    ranked = np.where(y, freq[None, :], np.inf)
+    key = ranked.argmin(1)
+    return np.where(y.any(1), key, -1)
+
+
 def make_collate(pad_token_id: int, token_type_ids: bool):
     """Dynamic padding: pad each batch only to its longest row. `token_type_ids` only for models that take them."""
 
@@ -130,7 +141,9 @@ def make_collate(pad_token_id: int, token_type_ids: bool):
             for j, it in enumerate(items):
                 tt[j, : len(it["token_type_ids"])] = torch.tensor(it["token_type_ids"])
             batch["token_type_ids"] = tt
-        batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.long)
+        # Multi-label rows carry a 0/1 row over the labels (BCE targets, float); single-label rows one id.
+        multi = isinstance(items[0]["labels"], list)
+        batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.float32 if multi else torch.long)
         # Row index in the split: evaluation runs in length order and maps predictions back with it.
         batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
         return batch

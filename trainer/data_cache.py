@@ -18,6 +18,7 @@ Where: `data.cache_dir`, else $HF_DATASETS_CACHE/loraship (default ~/.cache/hugg
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,11 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from torch.utils.data import Dataset
 
-from loraship.labels import LabelMap
-from loraship.rows import list_files, where
+from loraship.labels import LabelMap, is_unknown
+from loraship.rows import Fields, list_files, where
 from trainer.data import BATCH_ROWS, UNKNOWN_FIX, DataError, Label, iter_rows
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 TOKENS_FILE = "tokens.arrow"
 TEXTS_FILE = "texts.arrow"
 # Rows per Arrow record batch on disk: a training batch reads each of its rows' record batches with a plain
@@ -131,20 +132,40 @@ class TokenizedSplit(Dataset):
         line, file_index = (self._take(TOKENS_FILE, c, np.array([file_row]))[0] for c in ("line", "file"))
         return where(self.info["files"][file_index], line, self.info["unit"])
 
-    def assign_labels(self, labels: LabelMap) -> None:
-        """Label ids for every row, mapped per distinct label (loraship.labels' rule); an unknown one names
-        its first file:line."""
+    def assign_labels(self, labels: LabelMap, multi: bool = False) -> None:
+        """Label ids for every row, mapped per distinct label (loraship.labels' rule): one id per row, or with
+        `multi` a 0/1 row over the labels. An unknown label names its first file:line."""
         col = self.table.column("label")
         codes = pc.dictionary_encode(col).combine_chunks() if col.num_chunks else pa.array([], pa.dictionary(pa.int32(), pa.string()))
-        lut = np.empty(len(codes.dictionary), dtype=np.int64)
         index = codes.indices.to_numpy(zero_copy_only=False)
-        for k, value in enumerate(codes.dictionary.to_pylist()):
-            found = labels.id(value)
-            if found is None:
+        lut = np.zeros((len(codes.dictionary), len(labels)) if multi else len(codes.dictionary), dtype=np.float32 if multi else np.int64)
+        for k, stored in enumerate(codes.dictionary.to_pylist()):
+            value = decode_label(stored)
+            found = labels.ids(value) if multi else (labels.id(value) if not isinstance(value, list) else None)
+            if found is None or is_unknown(found):
                 first = int(np.flatnonzero(index == k)[0])
-                raise DataError(str(labels.unknown(self.where(first), value, UNKNOWN_FIX)))
-            lut[k] = found
+                if isinstance(value, list) and not multi:
+                    raise DataError(f"{self.where(first)}: a list of labels in a single-label run; "
+                                    "set data.task=multi_label (or auto) to train a multi-label model")
+                raise DataError(str(labels.unknown(self.where(first), getattr(found, "value", value), UNKNOWN_FIX)))
+            if multi:
+                lut[k, found] = 1.0
+            else:
+                lut[k] = found
         self.label_ids = lut[index]
+
+
+LIST_MARK = "\x1e"  # a stored label starting with this is a JSON list (multi-label)
+
+
+def encode_label(label: Label | list[Label]) -> str:
+    """A label as the cache stores it: text (a JSON integer and the same digits in CSV are one value), or a
+    marked JSON list."""
+    return LIST_MARK + json.dumps(label) if isinstance(label, list) else str(label)
+
+
+def decode_label(stored: str) -> Any:
+    return json.loads(stored[1:]) if stored.startswith(LIST_MARK) else stored
 
 
 def file_fingerprint(path: Path) -> str:
@@ -174,7 +195,7 @@ def source_fingerprint(source: str) -> str:
             h.update(f"{p.relative_to(path)}\0{file_fingerprint(p)}\0".encode())
         return "dir:sha256:" + h.hexdigest()
     if not path.is_file():
-        next(iter_rows(source, "x", "x"))  # raises the reader's 'data file not found' error
+        next(iter_rows(source, Fields("x", "x")))  # raises the reader's 'data file not found' error
     return file_fingerprint(path)
 
 
@@ -211,7 +232,7 @@ def _record_batches(lines: list[int], files: list[int], texts: list[str], labels
     integer and the same digits in a CSV cell alike."""
     ids, types = encoder(texts)
     cols = {
-        "label": pa.array([str(x) for x in labels], pa.string()),
+        "label": pa.array([encode_label(x) for x in labels], pa.string()),
         "line": pa.array(lines, pa.int64()),
         "file": pa.array(files, pa.int32()),
         "input_ids": pa.array(ids, pa.list_(pa.int32())),
@@ -222,13 +243,13 @@ def _record_batches(lines: list[int], files: list[int], texts: list[str], labels
     return pa.RecordBatch.from_pydict(cols), pa.RecordBatch.from_pydict({"text": pa.array(texts, pa.string())})
 
 
-def build_split(source: str, text_field: str, label_field: str, encoder: Callable[..., Any], out: Path, progress: bool) -> dict[str, Any]:
+def build_split(source: str, fields: Fields, encoder: Callable[..., Any], out: Path, progress: bool) -> dict[str, Any]:
     """Stream one split into out/tokens.arrow, BATCH_ROWS rows at a time; memory stays flat in the row count."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     out.mkdir(parents=True)
-    distinct: dict[Label, None] = {}
+    distinct: dict[str, Any] = {}  # stored label -> the value as read
     files: dict[str, int] = {}
     unit = "line"
     n = 0
@@ -236,13 +257,13 @@ def build_split(source: str, text_field: str, label_field: str, encoder: Callabl
     buf: tuple[list[int], list[int], list[str], list[Label]] = ([], [], [], [])
     bar = tqdm(desc=f"tokenizing {Path(source).name}", unit=" rows", disable=not progress, mininterval=2.0)
     with (out / TOKENS_FILE).open("wb") as tokens, (out / TEXTS_FILE).open("wb") as texts:
-        for row in iter_rows(source, text_field, label_field):
+        for row in iter_rows(source, fields):
             unit = row.unit
             buf[0].append(row.line)
             buf[1].append(files.setdefault(row.file, len(files)))
             buf[2].append(row.text)
             buf[3].append(row.label)
-            distinct.setdefault(row.label)
+            distinct.setdefault(encode_label(row.label), row.label)
             if len(buf[0]) == BATCH_ROWS:
                 writers = _write(writers, (tokens, texts), _record_batches(*buf, encoder))
                 n, buf = n + BATCH_ROWS, ([], [], [], [])
@@ -258,7 +279,8 @@ def build_split(source: str, text_field: str, label_field: str, encoder: Callabl
         "rows": n,
         "unit": unit,
         "files": list(files),
-        "labels": list(distinct)[:100_000],
+        "labels": list(distinct.values())[:100_000],
+        "multi": any(isinstance(v, list) for v in distinct.values()),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     (out / META_FILE).write_text(json.dumps(info))
@@ -289,14 +311,13 @@ def _remove_stale_partials(root: Path, key: str) -> None:
             pass
 
 
-def load_or_build(source: str, text_field: str, label_field: str, max_length: int, tokenizer: Any, root: Path,
+def load_or_build(source: str, fields: Fields, max_length: int, tokenizer: Any, root: Path,
                   progress: bool) -> tuple[TokenizedSplit, str]:
     """The split from the cache, building it first when missing; returns it and 'hit' or 'built'."""
     parts = {
         "version": CACHE_VERSION,
         "source": source_fingerprint(source),
-        "text_field": text_field,
-        "label_field": label_field,
+        "fields": dataclasses.asdict(fields),
         "max_length": max_length,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
@@ -311,7 +332,7 @@ def load_or_build(source: str, text_field: str, label_field: str, max_length: in
     tmp = root / f".{key}.{os.getpid()}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        build_split(source, text_field, label_field, make_encoder(tokenizer, max_length), tmp, progress)
+        build_split(source, fields, make_encoder(tokenizer, max_length), tmp, progress)
         (tmp / "key.json").write_text(json.dumps(parts, indent=2))
         try:
             os.rename(tmp, target)  # atomic: readers see a whole split or none

@@ -72,8 +72,10 @@ def target_modules(model: nn.Module, model_type: str, lora_cfg: LoraConfig, head
     return targets
 
 
-def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, labels: list[str], seed: int) -> Any:
-    """Load the base model with a fresh head for `labels` and wrap it with a LoRA adapter."""
+def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, labels: list[str], seed: int,
+                problem_type: str = "single_label_classification") -> Any:
+    """Load the base model with a fresh head for `labels` and wrap it with a LoRA adapter. `problem_type`
+    (transformers' name) travels in the config to the merged and ONNX dirs, so serving knows the task."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -91,6 +93,7 @@ def build_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, labels: list[str],
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
+        problem_type=problem_type,
         trust_remote_code=model_cfg.trust_remote_code,
         dtype=torch.float32,  # master weights stay fp32; mixed precision is autocast
     )

@@ -130,3 +130,15 @@ def head_lr_scale(setting: float | str, labels: int) -> tuple[float, str]:
                                     f"{AUTO_HEAD_LR_SCALE:g}x (more than {AUTO_HEAD_LR_MIN_LABELS - 1} labels)")
     return 1.0, f"{labels} labels: the head learns at the LoRA rate ({AUTO_HEAD_LR_MIN_LABELS - 1} labels or fewer)"
 
+
+
+MAX_POS_WEIGHT = 10.0
+
+
+def pos_weights(positives: np.ndarray, rows: int) -> np.ndarray:
+    """Multi-label `train.pos_weight: auto`: negatives / positives per label, capped at MAX_POS_WEIGHT (a label
+    with few positives would otherwise dominate the loss); 1 for a label without positives."""
+    pos = positives.astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(pos > 0, (rows - pos) / np.where(pos > 0, pos, 1), 1.0)
+    return np.clip(w, 1.0, MAX_POS_WEIGHT)

@@ -43,8 +43,17 @@ from loraship.fsutil import (
     swap_in,
     temp_dir_beside,
 )
-from loraship.metrics import summary_metrics
+from loraship.metrics import (
+    THRESHOLD_GRID,
+    choose_thresholds,
+    decide,
+    macro_f1_by_threshold,
+    multilabel_report,
+    summary_metrics,
+    threshold_vector,
+)
 from loraship.quiet import quiet_third_party
+from loraship.rows import Fields
 from trainer import checkpoints, mfu, recipe
 from trainer.config import (
     Config,
@@ -62,6 +71,7 @@ from trainer.data import (
     ShuffleSampler,
     label_map,
     make_collate,
+    rarest_label,
     steps_per_epoch,
     stratified_split,
 )
@@ -123,6 +133,9 @@ class Run:
     eval_loaders: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
     labels: list[str] = field(default_factory=list)
+    task: str = "single_label"  # or "multi_label" (resolve_task)
+    task_why: str = ""
+    thresholds: dict[str, Any] | None = None  # multi-label decision thresholds, chosen on validation at the end
     splits: dict[str, TokenizedSplit] = field(default_factory=dict)
     data_report: dict[str, Any] = field(default_factory=dict)  # cache hit/built and setup seconds per split
     meta: dict[str, Any] = field(default_factory=dict)
@@ -133,7 +146,7 @@ class Run:
     per_epoch: int = 0  # optimizer steps per epoch
     patience: int = 0  # resolved train.patience
     recipe: dict[str, Any] = field(default_factory=dict)  # what was chosen and why (summary.json)
-    class_weights: torch.Tensor | None = None  # train.class_weights=auto: per-label loss weights
+    class_weights: torch.Tensor | None = None  # per-label loss weights: class_weights=auto, or multi-label pos_weight=auto
     start_step: int = 0  # global step when this process's loop started (after a resume: the checkpoint's)
     loop_start: float = 0.0  # perf_counter at the start of this process's loop
     launcher_pid: int | None = None  # parent pid of a launched worker; None when not launched
@@ -206,24 +219,31 @@ def load_splits(run: Run) -> dict[str, str]:
     root = data_cache_root(cfg)
     progress = run.accelerator.is_local_main_process
 
+    fields = Fields(data_cfg.text_field, None if data_cfg.label_fields else data_cfg.label_field,
+                    label_separator=data_cfg.label_separator or None, label_fields=tuple(data_cfg.label_fields))
+
     def split(path: str) -> tuple[TokenizedSplit, str]:
         source = resolve_data_path(path, data_cfg.data_dir)
-        return load_or_build(source, data_cfg.text_field, data_cfg.label_field, data_cfg.max_length, run.tokenizer, root, progress)
+        return load_or_build(source, fields, data_cfg.max_length, run.tokenizer, root, progress)
 
     train, status = split(data_cfg.train)
     report = {"train": status}
-    label2id = label_map(train.info["labels"], data_cfg.labels, train.source)
+    run.task, run.task_why = resolve_task(data_cfg, train.info)
+    multi = run.task == "multi_label"
+    given = data_cfg.labels or list(data_cfg.label_fields)
+    label2id = label_map(train.info["labels"], given, train.source)
     run.labels = label2id.names
     if len(run.labels) < 2:
         raise DataError(f"{train.source}: found a single label {run.labels}; a classifier needs at least two")
-    train.assign_labels(label2id)
+    train.assign_labels(label2id, multi)
     splits: dict[str, TokenizedSplit] = {}
     if data_cfg.validation:
         splits["validation"], report["validation"] = split(data_cfg.validation)
-        splits["validation"].assign_labels(label2id)
+        splits["validation"].assign_labels(label2id, multi)
         train_idx = np.arange(len(train))
     else:
-        train_idx, val_idx = stratified_split(train.labels(), data_cfg.validation_fraction, cfg.train.seed)
+        strata = rarest_label(train.labels()) if multi else train.labels()
+        train_idx, val_idx = stratified_split(strata, data_cfg.validation_fraction, cfg.train.seed)
         splits["validation"] = train.select(val_idx)
     if data_cfg.max_train_samples:
         rng = np.random.default_rng(cfg.train.seed)
@@ -231,9 +251,22 @@ def load_splits(run: Run) -> dict[str, str]:
     splits["train"] = train.select(train_idx)
     if data_cfg.test:
         splits["test"], report["test"] = split(data_cfg.test)
-        splits["test"].assign_labels(label2id)
+        splits["test"].assign_labels(label2id, multi)
     run.splits = splits
     return report
+
+
+def resolve_task(data_cfg: Any, info: dict[str, Any]) -> tuple[str, str]:
+    """(task, why): data.task, or what the training labels and the label settings say."""
+    if data_cfg.task != "auto":
+        return data_cfg.task, f"data.task={data_cfg.task}"
+    if data_cfg.label_fields:
+        return "multi_label", "data.label_fields: one 0/1 column per label"
+    if data_cfg.label_separator:
+        return "multi_label", f"data.label_separator={data_cfg.label_separator!r}"
+    if info.get("multi"):
+        return "multi_label", f"the training labels ({data_cfg.label_field}) hold lists"
+    return "single_label", "one label per training row"
 
 
 def make_loaders(
@@ -263,8 +296,12 @@ def make_loaders(
     return loaders
 
 
-def evaluate(model: Any, loader: DataLoader, accelerator: Any, labels: list[str], detailed: bool = False) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Loss and metrics over the whole split; `gather_for_metrics` drops the duplicates of the last batch."""
+def evaluate(model: Any, loader: DataLoader, accelerator: Any, labels: list[str], detailed: bool = False,
+             thresholds: dict[str, Any] | None = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Loss and metrics over the whole split; `gather_for_metrics` drops the duplicates of the last batch.
+
+    Multi-label (0/1 label rows): sigmoid probabilities, metrics at `thresholds`, or without them at the
+    global threshold that is best on this split (what validation compares adapters by)."""
     model.eval()
     all_logits, all_labels, all_index = [], [], []
     with torch.no_grad():
@@ -278,12 +315,39 @@ def evaluate(model: Any, loader: DataLoader, accelerator: Any, labels: list[str]
     model.train()
     logits = torch.cat(all_logits)
     y = torch.cat(all_labels)
-    loss = torch.nn.functional.cross_entropy(logits, y).item()
-    probs = torch.softmax(logits, dim=-1).numpy()
-    metrics = summary_metrics(y.numpy(), probs.argmax(-1), labels, detailed=detailed)
+    if y.dtype.is_floating_point:  # multi-label
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y).item()
+        probs = torch.sigmoid(logits).numpy()
+        metrics = multilabel_metrics(y.numpy(), probs, labels, detailed, thresholds)
+    else:
+        loss = torch.nn.functional.cross_entropy(logits, y).item()
+        probs = torch.softmax(logits, dim=-1).numpy()
+        metrics = summary_metrics(y.numpy(), probs.argmax(-1), labels, detailed=detailed)
     metrics["loss"] = loss
     metrics["rows"] = len(y)
     return metrics, probs, torch.cat(all_index).numpy()
+
+
+def multilabel_metrics(y: np.ndarray, probs: np.ndarray, labels: list[str], detailed: bool,
+                       thresholds: dict[str, Any] | None) -> dict[str, Any]:
+    if thresholds is None:
+        scores = macro_f1_by_threshold(y, probs)
+        k = int(scores.argmax())
+        cut: Any = float(THRESHOLD_GRID[k])
+    else:
+        cut = threshold_vector(thresholds, labels)
+    report = multilabel_report(y, decide(probs, cut), labels)
+    if not detailed:
+        report = {k: v for k, v in report.items() if k not in ("per_label", "labels")}
+    report["threshold"] = cut if thresholds is None else "per label (chosen on validation)"
+    return report
+
+
+def metric_for_best(cfg: Config, task: str) -> str:
+    """train.metric_for_best, with auto resolved for the task."""
+    if cfg.train.metric_for_best != "auto":
+        return cfg.train.metric_for_best
+    return "f1_macro" if task == "multi_label" else "accuracy"
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:
@@ -505,6 +569,7 @@ def load_data(run: Run) -> None:
         "pooling": cfg.model.pooling,  # 'mean': the merge appends the same pooling layer to the base first
         "text_field": cfg.data.text_field,
         "label_field": cfg.data.label_field,
+        "task": run.task,  # multi_label: sigmoid per label, decisions at "thresholds" (added when training ends)
         "trust_remote_code": cfg.model.trust_remote_code,
         # Adapters are what people share: no data paths, and validation texts only when output.embed_sample_texts asks.
         "sample_texts": sample_texts if cfg.output.embed_sample_texts else [],
@@ -525,6 +590,11 @@ def data_fingerprint(splits: dict[str, TokenizedSplit]) -> str:
 CALIBRATION_ROWS = 2000
 
 
+def label_names_of(labels: list[str], target: Any) -> str | list[str]:
+    """A row's label as a name, or a multi-label row's 0/1 list as the list of its names."""
+    return [n for n, on in zip(labels, target, strict=True) if on] if isinstance(target, list) else labels[target]
+
+
 def save_selection_data(run: Run) -> None:
     """The validation split and a sample of training texts, in the run dir (not in the adapter, which people
     share): the export chooses its int8 method and default variant on these, never on the test split."""
@@ -533,7 +603,7 @@ def save_selection_data(run: Run) -> None:
     with (run.run_dir / VALIDATION_FILE).open("w", encoding="utf-8") as f:
         for start in range(0, len(val), BATCH_ROWS):
             texts = val.texts(start, start + BATCH_ROWS)
-            f.writelines(json.dumps({"text": t, "label": run.labels[k]}, ensure_ascii=False) + "\n"
+            f.writelines(json.dumps({"text": t, "label": label_names_of(run.labels, k)}, ensure_ascii=False) + "\n"
                          for t, k in zip(texts, y[start : start + BATCH_ROWS].tolist(), strict=True))
     train = run.splits["train"]
     # Thousands of texts: the int8 search measures agreement with fp32 on them (a finer criterion than a small
@@ -548,7 +618,8 @@ def build_training(run: Run) -> None:
     """Model with LoRA, AdamW (no decay on biases/LayerNorm), warmup + decay schedule, prepared loaders."""
     cfg, accelerator = run.cfg, run.accelerator
     try:
-        model = build_model(cfg.model, cfg.lora, run.labels, cfg.train.seed)
+        problem = "multi_label_classification" if run.task == "multi_label" else "single_label_classification"
+        model = build_model(cfg.model, cfg.lora, run.labels, cfg.train.seed, problem)
     except ValueError as e:  # an option this architecture does not support (model.pooling=mean)
         raise TrainingError(f"{cfg.model.name_or_path}: {e}") from e
     # Not with DoRA: it reads the full-precision base weights outside the autocast products (its norms).
@@ -589,7 +660,10 @@ def plan_steps(run: Run) -> None:
     t, acc = run.cfg.train, run.accelerator
     rows = len(run.splits["train"])
     run.per_epoch = steps_per_epoch(rows, t.batch_size, acc.num_processes, t.grad_accum)
-    counts = np.bincount(run.splits["train"].labels(), minlength=len(run.labels))
+    train_labels = run.splits["train"].labels()
+    multi = train_labels.ndim == 2
+    # Rows of each label (multi-label: positives per label; a row counts once per label it has).
+    counts = train_labels.sum(0).astype(np.int64) if multi else np.bincount(train_labels, minlength=len(run.labels))
     if t.max_steps:
         epochs, why = t.max_steps / run.per_epoch, f"train.max_steps={t.max_steps}"
     elif t.epochs == "auto":
@@ -606,7 +680,11 @@ def plan_steps(run: Run) -> None:
     head_scale, head_why = recipe.head_lr_scale(t.head_lr_scale, len(run.labels))
     run.recipe = {"epochs": round(epochs, 3), "epochs_setting": t.epochs, "why": why, "steps_per_epoch": run.per_epoch,
                   "steps": run.cap_steps, "patience": run.patience, "patience_why": patience_why, "head_lr_scale": head_scale, "head_lr_why": head_why}
-    if t.class_weights == "auto":
+    if multi and t.pos_weight == "auto":
+        weights = recipe.pos_weights(counts, rows)
+        run.class_weights = torch.tensor(weights, dtype=torch.float32, device=acc.device)
+        run.recipe["pos_weight"] = dict(zip(run.labels, np.round(weights, 4).tolist(), strict=True))
+    elif t.class_weights == "auto" and not multi:
         weights = recipe.class_weights(counts)
         run.class_weights = torch.tensor(weights, dtype=torch.float32, device=acc.device)
         run.recipe["class_weights"] = dict(zip(run.labels, np.round(weights, 4).tolist(), strict=True))
@@ -755,7 +833,11 @@ def fit(run: Run) -> float:
 
 
 def training_loss(model: Any, batch: dict[str, torch.Tensor], class_weights: torch.Tensor | None, label_smoothing: float = 0.0) -> torch.Tensor:
-    """The model's own cross-entropy, or with class weights / label smoothing our own (computed in fp32)."""
+    """The model's own cross-entropy, or with class weights / label smoothing our own (computed in fp32).
+    Multi-label (float 0/1 targets): binary cross-entropy with logits in fp32, `class_weights` as pos_weight."""
+    if batch["labels"].dtype.is_floating_point:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["labels"], pos_weight=class_weights)
     if class_weights is None and not label_smoothing:
         return model(**batch).loss
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -806,10 +888,11 @@ def log_train(run: Run, interval: torch.Tensor, progress: Any) -> None:
 def validate(run: Run, kind: str) -> bool:
     """Evaluate, save the adapter if best, and decide early stopping once for every rank. Returns: stop."""
     t0 = clock()
-    cfg, acc, state = run.cfg.train, run.accelerator, run.state
+    acc, state = run.accelerator, run.state
     metrics, _, _ = evaluate(run.model, run.eval_loaders["validation"], acc, run.labels)
-    value = metrics[cfg.metric_for_best]
-    improved = is_better(value, state.best_metric, cfg.metric_for_best)
+    best_by = metric_for_best(run.cfg, run.task)
+    value = metrics[best_by]
+    improved = is_better(value, state.best_metric, best_by)
     if improved:
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
         save_adapter(run, {"step": state.global_step, "validation": metrics})
@@ -822,8 +905,9 @@ def validate(run: Run, kind: str) -> bool:
         if run.patience and state.evals_without_improvement >= run.patience:
             acc.set_trigger()
     run.timings["evaluation"].append(clock() - t0)
-    acc.print(f"step {state.global_step}: val accuracy {metrics['accuracy']:.4f} f1_w {metrics['f1_weighted']:.4f} "
-              f"loss {metrics['loss']:.4f}" + (" (best)" if improved else ""))
+    shown = ("f1_macro", "f1_micro", "threshold") if run.task == "multi_label" else ("accuracy", "f1_weighted")
+    acc.print(f"step {state.global_step}: val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown)
+              + f" loss {metrics['loss']:.4f}" + (" (best)" if improved else ""))
     stop = acc.check_trigger()
     if stop:
         acc.print(f"early stopping: no improvement in {run.patience} evaluations")
@@ -877,7 +961,9 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
     summary: dict[str, Any] = {
         "steps": state.global_step,
         "best_step": state.best_step,
-        f"best_val_{cfg.train.metric_for_best}": state.best_metric,
+        f"best_val_{metric_for_best(cfg, run.task)}": state.best_metric,
+        "task": run.task,
+        "task_why": run.task_why,
         # Wall time of the loop (with evaluation and checkpoints); throughput over training steps only.
         "train_seconds": elapsed,
         "eval_and_checkpoint_seconds": run.overhead,
@@ -896,19 +982,22 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
     if summary["tokens_per_second"]:
         mean_length = (state.tokens - start_tokens) / max(state.samples - start_samples, 1)
         summary["mfu"] = mfu.report(acc, run.model, run.mixed_precision, summary["tokens_per_second"], mean_length)
-    if "test" in run.eval_loaders:
+    if "test" in run.eval_loaders or run.task == "multi_label":
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(acc.unwrap_model(run.model), load_file(str(run.run_dir / "adapter" / "adapter_model.safetensors")))
-        metrics, probs, index = evaluate(run.model, run.eval_loaders["test"], acc, run.labels, detailed=True)
-        summary["test_accuracy"] = metrics["accuracy"]
-        summary["test_f1_weighted"] = metrics["f1_weighted"]
-        summary["test_f1_macro"] = metrics["f1_macro"]
+    if run.task == "multi_label":
+        choose_decision_thresholds(run)
+        summary["thresholds"] = run.thresholds
+    if "test" in run.eval_loaders:
+        metrics, probs, index = evaluate(run.model, run.eval_loaders["test"], acc, run.labels, detailed=True, thresholds=run.thresholds)
+        keys = ("accuracy", "f1_weighted", "f1_macro") + (("f1_micro", "f1_samples") if run.task == "multi_label" else ())
+        summary.update({f"test_{k}": metrics[k] for k in keys})
         if acc.is_main_process:
             (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
-            write_predictions(run.run_dir / "test_predictions.jsonl", run.splits["test"], run.labels, probs, index)
-        acc.print(f"test: accuracy {metrics['accuracy']:.4f} f1_weighted {metrics['f1_weighted']:.4f} ({metrics['rows']} rows)")
+            write_predictions(run.run_dir / "test_predictions.jsonl", run.splits["test"], run.labels, probs, index, run.thresholds)
+        acc.print("test: " + " ".join(f"{k} {metrics[k]:.4f}" for k in keys) + f" ({metrics['rows']} rows)")
     if acc.is_main_process:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log_line(run.metrics_path, {"event": "end", **summary})
@@ -923,9 +1012,32 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
     return summary
 
 
-def write_predictions(path: Path, split: TokenizedSplit, labels: list[str], probs: np.ndarray, index: np.ndarray) -> None:
-    """One line per row in file order (evaluation ran in length order), texts read slice by slice."""
+def choose_decision_thresholds(run: Run) -> None:
+    """Multi-label: the best adapter's decision thresholds, chosen on the validation split (never test), into
+    run.thresholds and the adapter's loraship.json, where the merge and the export take them from."""
+    acc = run.accelerator
+    _, probs, index = evaluate(run.model, run.eval_loaders["validation"], acc, run.labels)
+    y = run.splits["validation"].labels()[index]
+    run.thresholds = choose_thresholds(y, probs, run.labels, run.cfg.train.threshold_min_positives)
+    run.thresholds["chosen_on"] = f"validation ({len(y)} rows)"
+    if acc.is_main_process:
+        meta_path = run.run_dir / "adapter" / ADAPTER_META
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta["thresholds"] = run.thresholds
+        tmp = meta_path.with_name(meta_path.name + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        os.replace(tmp, meta_path)
+    acc.wait_for_everyone()
+    acc.print(f"thresholds (validation): global {run.thresholds['global']:.2f}, {len(run.thresholds['own_threshold'])} of "
+              f"{len(run.labels)} labels with their own (>= {run.cfg.train.threshold_min_positives} positives)")
+
+
+def write_predictions(path: Path, split: TokenizedSplit, labels: list[str], probs: np.ndarray, index: np.ndarray,
+                      thresholds: dict[str, Any] | None = None) -> None:
+    """One line per row in file order (evaluation ran in length order), texts read slice by slice. Multi-label
+    rows: `label` and `pred` are lists of names (pred: probability >= the label's threshold)."""
     y = split.labels()
+    cut = threshold_vector(thresholds, labels) if thresholds else None
     row_of = np.empty(len(index), dtype=np.int64)
     row_of[index] = np.arange(len(index))
     with path.open("w", encoding="utf-8") as f:
@@ -934,8 +1046,8 @@ def write_predictions(path: Path, split: TokenizedSplit, labels: list[str], prob
                 p = probs[row_of[i]]
                 f.write(json.dumps({
                     "text": text,
-                    "label": labels[y[i]],
-                    "pred": labels[int(p.argmax())],
+                    "label": label_names_of(labels, y[i].tolist()),
+                    "pred": [n for n, on in zip(labels, decide(p, cut), strict=True) if on] if cut is not None else labels[int(p.argmax())],
                     "probs": {name: round(float(v), 6) for name, v in zip(labels, p, strict=True)},
                 }) + "\n")
 
