@@ -78,6 +78,7 @@ def results() -> str:
                 out.append(f"| {r['name']} | {r['rows_per_second']:.0f} | {r['accuracy']:.4f} | {r['size_mb']:.1f} MB |")
         out += ["", f"Command: `{qz['command']}`.", ""]
     out += train_step(machines) + int8_candidates(machines) + int8_profile(machines) + recipe_table(machines) + pooling(machines)
+    out += multilabel(machines)
     h = _load("serve_http")
     if h:
         machines.add((h["machine"]["cpu"], h["machine"]["cores"]))
@@ -245,6 +246,28 @@ def pooling(machines: set[tuple[str, int]]) -> list[str]:
         out.append(f"| {row['arm']} | {row['epochs']} | {row['validation_accuracy']:.4f} | {row['test_accuracy']:.4f} | {row['train_seconds'] / 60:.1f} min | "
                    f"{row['samples_per_second']:.1f} |")
     return [*out, "", f"Command: `{r['command']}`.", ""]
+
+
+def multilabel(machines: set[tuple[str, int]]) -> list[str]:
+    r = _measured("multilabel", machines)
+    if not r:
+        return []
+    m, t, o = r["machine"], r["test_torch"], r["test_onnx"]
+    out = [f"### Multi-label: GoEmotions, 28 labels ({m['cpu']}, {m['cores']} cores; defaults and data paths only)", "",
+           f"Training: {r['training']['steps']:,} steps ({r['training']['recipe']['epochs']:g} epochs, {r['training']['mixed_precision']}), "
+           f"{r['training']['loop_seconds'] / 60:.1f} min; thresholds chosen on validation (global {r['thresholds']['global']:.2f}, "
+           f"{r['thresholds']['own_threshold']} labels with their own). Test: {r['data']['test']:,} rows. Published reference: BERT-base "
+           "macro F1 0.46 (the GoEmotions paper).", "",
+           "| model | macro F1 | micro F1 | samples F1 | subset accuracy | rows/s |", "|---|---|---|---|---|---|",
+           f"| trained adapter (PyTorch) | {t['f1_macro']:.4f} | {t['f1_micro']:.4f} | {t['f1_samples']:.4f} | {t['accuracy']:.4f} | - |"]
+    for v in ("fp32", "int8"):
+        tag = " (default)" if r["default_variant"] == v else ""
+        out.append(f"| ONNX {v}{tag} | {o[v]['f1_macro']:.4f} | {o[v]['f1_micro']:.4f} | {o[v]['f1_samples']:.4f} | "
+                   f"{o[v]['accuracy']:.4f} | {r['rows_per_second'][v]:.0f} |")
+    same = "; ".join(f"{v}: HTTP {s['http_equal']:.2%}, Ray {s['ray_equal']:.2%}" for v, s in r["same_labels"].items())
+    return [*out, "", f"int8 {r['int8_speedup']:.2f}x fp32's rows/s; its test drop: macro F1 {r['int8_drop_points']['f1_macro']:+.2f}, "
+            f"micro F1 {r['int8_drop_points']['f1_micro']:+.2f} points. The first {next(iter(r['same_labels'].values()))['rows']:,} "
+            f"test rows, labels equal to `serve_cli predict`'s: {same}.", "", "Command: `python benchmarks/multilabel.py`.", ""]
 
 
 def render(text: str) -> str:

@@ -28,6 +28,7 @@ from loraship import rows as reader
 from loraship.fsutil import OutputError, atomic_dir, check_not_locked, check_replaceable
 from loraship.labels import LabelMap, is_unknown
 from loraship.rows import FORMATS, InputError, Row, RowError
+from loraship.task import THRESHOLDS_KEY, Task
 from serve_cli.io import AtomicOutput
 from serve_cli.runtime import (
     DEFAULT_BATCH_SIZE,
@@ -487,10 +488,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         "model": str(d),
         "labels": [config["id2label"][str(i)] for i in range(len(config["id2label"]))],
         "architecture": (config.get("architectures") or ["?"])[0],
+        "task": Task.from_config(config).name,
         "variants": {v: {"file": f, "bytes": (d / f).stat().st_size} for v, f in VARIANT_FILES.items() if (d / f).is_file()},
         "default_variant": report.get("default_variant"),
         "max_length": report.get("max_length"),
     }
+    if config.get(THRESHOLDS_KEY):
+        info["thresholds"] = config[THRESHOLDS_KEY]
     if report:
         info["quantization"] = report.get("quantization", {}).get("method")
         info["parity_fp32_max_abs_diff"] = report.get("parity_fp32", {}).get("max_abs_diff")
