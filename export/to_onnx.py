@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from export import card
 from export.common import (
     CALIBRATION_FILE,
     INT8_FILE,
@@ -247,6 +248,7 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
         report["training_config"] = meta.get("config")
         report["total_seconds"] = time.perf_counter() - start
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        card.write(tmp, meta, report, "onnx", onnx_dir)
     print(f"wrote {onnx_dir} (default variant {report['default_variant']}) in {report['total_seconds']:.0f}s ("
           + ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in phases.items()) + ")")
     return 0
@@ -279,6 +281,7 @@ def merge_phase(args: argparse.Namespace, adapter_dir: Path, meta: dict[str, Any
         with atomic_dir(merged_dir, args.force, "--force", "export.to_onnx merged model", check_lock=not inside(merged_dir, args.run)) as tmp:
             result = merge(adapter_dir, meta, base_model, tmp, texts, args.atol, args.trust_remote_code)
             (tmp / MERGE_STAMP).write_text(json.dumps({"inputs": inputs, "merge": result}, indent=2))
+            card.write(tmp, meta, None, "merged", merged_dir)
     print(f"merge: {merged_dir} (adapter vs merged max abs diff {result['max_abs_diff']:.2e})")
     return result | {"seconds": time.perf_counter() - t0}
 

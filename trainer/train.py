@@ -1001,6 +1001,7 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
     if acc.is_main_process:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log_line(run.metrics_path, {"event": "end", **summary})
+        update_adapter_meta(run, card_facts(run, summary))
     rate = summary["samples_per_second"]
     acc.print(f"done in {elapsed:.0f}s" + (f" ({rate:.1f} samples/s, MFU {summary['mfu']['mfu']:.0%} of the measured "
               f"{summary['mfu']['dtype']} GEMM peak)" if rate else "") + f"; run dir: {run.run_dir}")
@@ -1012,6 +1013,36 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
     return summary
 
 
+def update_adapter_meta(run: Run, extra: dict[str, Any]) -> None:
+    """Add keys to the best adapter's loraship.json once training has ended (main process; atomic)."""
+    meta_path = run.run_dir / "adapter" / ADAPTER_META
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta.update(extra)
+    tmp = meta_path.with_name(meta_path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    os.replace(tmp, meta_path)
+
+
+def card_facts(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
+    """What the model card says about the data and the training: sizes, label counts and a fingerprint of
+    the training rows (no paths, no texts), the recipe that ran, its time and the machine."""
+    train_labels = run.splits["train"].labels()
+    counts = train_labels.sum(0) if train_labels.ndim == 2 else np.bincount(train_labels, minlength=len(run.labels))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores"
+    return {
+        "data": {"rows": {k: len(v) for k, v in run.splits.items()},
+                 "label_counts": dict(zip(run.labels, map(int, counts), strict=True)),
+                 "fingerprint": data_fingerprint({"train": run.splits["train"]})},
+        "training": {"steps": summary["steps"], "best_step": summary["best_step"], "epochs": run.recipe.get("epochs"),
+                     "loop_seconds": round(summary["train_seconds"], 1), "mixed_precision": run.mixed_precision,
+                     "processes": run.accelerator.num_processes, "device": device,
+                     f"best_validation_{metric_for_best(run.cfg, run.task)}": summary[f"best_val_{metric_for_best(run.cfg, run.task)}"],
+                     **{k: summary[k] for k in summary if k.startswith("test_")}},
+    }
+
+
 def choose_decision_thresholds(run: Run) -> None:
     """Multi-label: the best adapter's decision thresholds, chosen on the validation split (never test), into
     run.thresholds and the adapter's loraship.json, where the merge and the export take them from."""
@@ -1021,12 +1052,7 @@ def choose_decision_thresholds(run: Run) -> None:
     run.thresholds = choose_thresholds(y, probs, run.labels, run.cfg.train.threshold_min_positives)
     run.thresholds["chosen_on"] = f"validation ({len(y)} rows)"
     if acc.is_main_process:
-        meta_path = run.run_dir / "adapter" / ADAPTER_META
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        meta["thresholds"] = run.thresholds
-        tmp = meta_path.with_name(meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        os.replace(tmp, meta_path)
+        update_adapter_meta(run, {"thresholds": run.thresholds})
     acc.wait_for_everyone()
     acc.print(f"thresholds (validation): global {run.thresholds['global']:.2f}, {len(run.thresholds['own_threshold'])} of "
               f"{len(run.labels)} labels with their own (>= {run.cfg.train.threshold_min_positives} positives)")
