@@ -14,7 +14,7 @@ def test_readme_generated_sections_match_their_sources() -> None:
 
 
 def test_results_section_shows_the_saved_figures() -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "benchmarks" / "README.md").read_text()
     section = readme.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
     for name in ("quality", "train_throughput", "inference"):
         path = REPO / "benchmarks" / "results" / f"{name}.json"
@@ -28,3 +28,9 @@ def test_readme_names_the_two_setup_commands() -> None:
     readme = (REPO / "README.md").read_text()
     assert "bash scripts/main_job.sh" in readme and "bash scripts/test.sh" in readme
     assert "scripts/test.sh" in (REPO / ".ci" / "run").read_text()
+
+
+def test_the_readme_links_the_generated_references() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert "docs/config.md" in readme and "benchmarks/README.md#results" in readme
+    assert "| `train.lr` |" in (REPO / "docs" / "config.md").read_text()
