@@ -1,15 +1,17 @@
-"""Atomic output files for serve_cli (inputs are read by the one reader, loraship.rows)."""
+"""What serve_cli's verbs share about rows and outputs: bad-row policy, error records, atomic output files
+(inputs are read by the one reader, loraship.rows)."""
 
 from __future__ import annotations
 
 import os
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from loraship.fsutil import check_not_locked, public_mode
-from loraship.rows import InputError
+from loraship.rows import InputError, Row, RowError
 
 
 class AtomicOutput:
@@ -46,3 +48,18 @@ class AtomicOutput:
             self.f.close()
             os.unlink(self.tmp)
             self.tmp = None
+
+
+class RowFailure(ValueError):
+    """A bad row under --on-error fail."""
+
+
+def fail_fast(items: Iterable[Row | RowError], path: str, on_error: str) -> Iterator[Row | RowError]:
+    for it in items:
+        if isinstance(it, RowError) and on_error == "fail":
+            raise RowFailure(f"{it.where}: {it.message} (use --on-error skip or record to go on past bad rows)")
+        yield it
+
+
+def error_record(item: RowError) -> dict[str, Any]:
+    return {"file": item.file, "line": item.line, "where": item.where, "error": item.message}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 
-def _card(path: Path):  # noqa: ANN202
+def _card(path: Path):
     from huggingface_hub import ModelCard
 
     return ModelCard(path.read_text(encoding="utf-8"))

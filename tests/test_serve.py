@@ -399,7 +399,7 @@ def test_eval_metric_runs_code_only_when_allowed(exported: Path, tmp_path: Path,
 
 def test_eval_checks_the_errors_file_before_any_inference(exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    import serve_cli.__main__ as cli
+    import serve_cli.evaluate as cli
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "a b c", "label": "World"}\n')
@@ -416,7 +416,7 @@ def test_eval_checks_the_errors_file_before_any_inference(exported: Path, tmp_pa
 
 
 def test_a_confusion_plot_of_many_labels_never_costs_the_report(tmp_path: Path) -> None:
-    from serve_cli.__main__ import markdown_report, plot_confusion
+    from serve_cli.evaluate import markdown_report, plot_confusion
 
     many = [f"label_{i}" for i in range(600)]
     reason = plot_confusion(np.eye(600, dtype=np.int64), many, tmp_path / "big.png", "600 labels")
