@@ -54,8 +54,10 @@ def write(out_dir: Path, meta: dict[str, Any], report: dict[str, Any] | None, ki
     shown = final_dir or out_dir
     base, license_id = KNOWN_BASES.get(meta.get("base_model", ""), (meta.get("base_model", "unknown"), None))
     config = meta.get("config") or {}
-    dataset = Path(config.get("data", {}).get("train") or "training data").stem
     name = report.get("source", {}).get("run") or shown.parent.name or "model"
+    dataset = Path(config.get("data", {}).get("train") or "").stem
+    if dataset in ("", "train", "data", "training"):  # a split's file name says nothing of the data set
+        dataset = name
     metadata: dict[str, Any] = {
         "library_name": "onnx" if kind == "onnx" else "transformers",
         "pipeline_tag": "text-classification",
@@ -135,7 +137,7 @@ def _eval_lines(report: dict[str, Any]) -> list[str]:
     lines = ["| split | variant | metric | value |", "|---|---|---|---|"]
     lines += [f"| {s} | {v} | {m} | {x:.4f} |" for s, v, m, x in rows]
     gate = report.get("gate") or {}
-    lines += ["", f"Default variant: **{report.get('default_variant')}** ({gate.get('by', 'n/a')}): {gate.get('verdict', '')}",
+    lines += ["", f"Default variant: **{report.get('default_variant')}** ({gate.get('by', 'n/a')}): {gate.get('verdict', '')}.",
               "The default is chosen on validation rows only; the test figures are reported, never used to choose."]
     q = report.get("quantization") or {}
     if q:
