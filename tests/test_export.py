@@ -15,7 +15,7 @@ from tests.conftest import tiny_args
 from trainer.train import main as train_main
 
 ONNX_FILES = [
-    ".loraship", "config.json", "export_report.json", "model.onnx", "model_quantized.onnx",
+    ".loraship", "README.md", "config.json", "export_report.json", "model.onnx", "model_quantized.onnx",
     "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
 ]
 
