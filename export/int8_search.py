@@ -13,16 +13,18 @@ when, against ONNX fp32:
 Both sets matter: a model that memorised its training texts agrees with fp32 on them almost always (TREC
 fine: 99.8%) and only held-out texts show its flips (96-98%).
 
-Candidates, fastest first (benchmarks/quantization.py):
-1. `dynamic`: onnxruntime dynamic int8, per-channel weights, every linear layer with a weight (MatMul, Gemm)
-   and the embedding tables (activation scales per batch); attention's activation x activation products
-   stay fp32;
-2. `dynamic-smooth`: the same after activation smoothing (export/smooth.py: outlier channels moved into
+Candidates. Batch-independent ones first (a row's answer never depends on its batch mates), the dynamic
+ones only when none of those qualifies (or first with --allow-batch-dependent):
+1. `rowwise`: export/rowwise.py, every linear layer with a weight in int8 with one activation scale per
+   token row (so each row is computed from itself alone; integer products are exact), per-channel weights;
+2. `static`: static QDQ int8, activation ranges calibrated (MinMax) on training texts, per-channel weights;
+3. `static-keep-N`: the same with the N most sensitive layers kept in fp32;
+4. `dynamic`: onnxruntime dynamic int8, per-channel weights, every linear layer with a weight (MatMul, Gemm)
+   and the embedding tables (activation scales per batch: results depend slightly on batch mates);
+   attention's activation x activation products stay fp32;
+5. `dynamic-smooth`: the same after activation smoothing (export/smooth.py: outlier channels moved into
    the weights, exact in fp32, one Mul per smoothed activation);
-3. `dynamic-smooth-keep-N`: that with the N most sensitive layers kept in fp32;
-4. `static`: static QDQ int8, activation ranges calibrated (MinMax) on training texts, per-channel weights:
-   predictions do not depend on batch mates (`--int8-static-only` searches only these);
-5. `static-keep-N`: the same with the N most sensitive layers kept in fp32.
+6. `dynamic-smooth-keep-N`: that with the N most sensitive layers kept in fp32.
 
 Sensitivity (computed only when a keep-N candidate is reached): the int8 candidate it starts from and its
 fp32 source run side by side on calibration texts with every MatMul/Gemm input and output exposed; a node's
@@ -65,6 +67,10 @@ class Candidate:
     seconds: float | None = None  # build and measure
     chosen: bool = False
     why: str = ""
+
+    @property
+    def batch_independent(self) -> bool:
+        return self.method in BATCH_INDEPENDENT
 
 
 CALIBRATION_FEED_ROWS = 256  # texts that calibrate static ranges, smoothing and sensitivity
@@ -143,6 +149,11 @@ def build(src: Path, dst: Path, cand: Candidate, feeds: list[dict[str, np.ndarra
         quantize_static,
     )
 
+    if cand.method == "rowwise":
+        from export.rowwise import quantize_rowwise
+
+        quantize_rowwise(src, dst, cand.exclude)
+        return
     nodes = quantizable(src, cand.exclude)
     if cand.method == "dynamic":
         # The int8 embedding table (Gather) makes the file a quarter of fp32's (AG News: 23 MB instead of 59 MB).
@@ -164,11 +175,17 @@ def measure(model_dir: Path, variant: str, texts: list[str], threads: int) -> tu
     return probs, len(texts) / (time.perf_counter() - t0)
 
 
-def plan(methods: tuple[str, ...], keep: int) -> list[Candidate]:
-    """Every candidate of the allowed methods, fastest first."""
-    out = [Candidate("dynamic", "dynamic"), Candidate("dynamic-smooth", "dynamic", smooth=True),
-           Candidate(f"dynamic-smooth-keep-{keep}", "dynamic", smooth=True, keep=keep),
-           Candidate("static", "static"), Candidate(f"static-keep-{keep}", "static", keep=keep)]
+BATCH_INDEPENDENT = ("rowwise", "static")  # methods whose answer for a row does not depend on its batch mates
+
+
+def plan(methods: tuple[str, ...], keep: int, allow_batch_dependent: bool = False) -> list[Candidate]:
+    """Every candidate of the allowed methods. By default the batch-independent ones come first (row-wise, then
+    static) and the dynamic ones are tried only when none of those qualifies; with `allow_batch_dependent`,
+    fastest first (the dynamic ones lead)."""
+    dynamic = [Candidate("dynamic", "dynamic"), Candidate("dynamic-smooth", "dynamic", smooth=True),
+               Candidate(f"dynamic-smooth-keep-{keep}", "dynamic", smooth=True, keep=keep)]
+    independent = [Candidate("rowwise", "rowwise"), Candidate("static", "static"), Candidate(f"static-keep-{keep}", "static", keep=keep)]
+    out = dynamic + independent if allow_batch_dependent else independent + dynamic
     return [c for c in out if c.method in methods and (c.keep == 0 or keep > 0)]
 
 
@@ -220,7 +237,7 @@ class Selection:
 
 def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration: list[str], max_drop: float, threads: int,
            keep: int = 4, try_all: bool = False, save_candidates: Path | None = None,
-           methods: tuple[str, ...] = ("dynamic", "static")) -> dict[str, Any]:
+           methods: tuple[str, ...] = ("rowwise", "static", "dynamic"), allow_batch_dependent: bool = False) -> dict[str, Any]:
     """Write the chosen int8 model to onnx_dir/model_quantized.onnx (or none qualifies: the first candidate ships
     as the int8 file, and fp32 stays the default).
 
@@ -229,6 +246,11 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
 
     t_start = time.perf_counter()
     sel = Selection(onnx_dir, validation, calibration, threads)
+
+    def rank(c: Candidate) -> tuple[bool, float]:
+        """Batch-independent first unless batch-dependent ones are allowed; then rows/s."""
+        return (allow_batch_dependent or c.batch_independent, c.rows_per_second or 0.0)
+
     feeds = calibration_feeds(OnnxClassifier(onnx_dir, variant="fp32"), calibration[:CALIBRATION_FEED_ROWS])
     work = Path(tempfile.mkdtemp(prefix=".int8-", dir=onnx_dir.parent))
     sources = {False: onnx_dir / "model.onnx", True: work / "smoothed.onnx"}
@@ -236,7 +258,7 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
     chosen: Candidate | None = None
     scores: list[tuple[str, float]] = []
     try:
-        for cand in plan(methods, keep):
+        for cand in plan(methods, keep, allow_batch_dependent):
             t0 = time.perf_counter()
             src = sources[cand.smooth]
             if cand.smooth and not src.exists():
@@ -255,13 +277,14 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
             tried.append(cand)
             if save_candidates is not None:  # benchmarks measure every candidate on other data too
                 shutil.copy(path, save_candidates / f"{cand.name}.onnx")
-            if qualify(cand, max_drop, sel.task, sel.y) and (chosen is None or cand.rows_per_second > chosen.rows_per_second):
+            if qualify(cand, max_drop, sel.task, sel.y) and (chosen is None or rank(cand) > rank(chosen)):
                 chosen = cand
             if chosen is not None and not try_all:
                 break  # candidates come fastest first: the first that qualifies is the one to keep
         if chosen is not None:
             chosen.chosen = True
-            chosen.why += "; fastest that qualifies" if try_all else "; first (fastest) that qualifies"
+            chosen.why += ("; fastest that qualifies" if try_all else "; first that qualifies") + (
+                "; batch-independent" if chosen.batch_independent else "; depends on batch mates")
         # Without a qualifying candidate the first one still ships as the int8 file (not the default): users
         # can measure it on their own data with `serve_cli eval --variant int8`.
         shutil.copy(work / f"{(chosen or tried[0]).name}.onnx", onnx_dir / INT8_FILE)
@@ -279,7 +302,8 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
                      "2 sqrt(label decisions changed) / positive labels)",
         "fp32": {"accuracy": sel.fp32_accuracy, "rows_per_second": sel.fp32_rate},
         "sensitivity": [{"node": n, "added_relative_error": s} for n, s in scores[:8]],
-        "candidates": [asdict(c) for c in tried],
+        "candidates": [asdict(c) | {"batch_independent": c.batch_independent} for c in tried],
+        "batch_independent": bool(chosen and chosen.batch_independent),
         "chosen": chosen.name if chosen else None,
         "shipped": (chosen or tried[0]).name,  # the int8 file: the chosen one, else the first candidate
         "verdict": (f"int8 = {chosen.name}: {chosen.why}, {chosen.rows_per_second / sel.fp32_rate:.2f}x fp32's rows/s" if chosen

@@ -66,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-int8-drop", type=float, default=0.3, help="validation accuracy points int8 may lose and still be default")
     p.add_argument("--int8-keep", type=int, default=4, help="at most this many sensitive MatMuls kept in fp32 by the int8 search")
     p.add_argument("--int8-try-all", action="store_true", help="measure every int8 candidate, not only up to the first that qualifies")
+    p.add_argument("--allow-batch-dependent", action="store_true",
+                   help="let the int8 search prefer dynamic int8 (faster; a row's answer then depends slightly on its "
+                   "batch mates). Default: batch-independent candidates (row-wise, static) first, dynamic only when "
+                   "none of them keeps accuracy")
     p.add_argument("--int8-static-only", action="store_true",
                    help="only static int8 candidates: predictions that do not depend on batch mates (a server mixing users)")
     p.add_argument("--min-int8-agreement", type=float, default=0.98,
@@ -141,6 +145,7 @@ def fingerprint(adapter_dir: Path, base_model: str, method: str, fields: tuple[s
         "int8_keep": args.int8_keep,
         "int8_try_all": args.int8_try_all,
         "int8_static_only": args.int8_static_only,
+        "allow_batch_dependent": args.allow_batch_dependent,
         "validation": sha256(selection[0]) if selection[0] else None,
         "calibration": sha256(selection[1]) if selection[1] else None,
         "min_int8_agreement": args.min_int8_agreement,
@@ -325,7 +330,8 @@ def int8_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any,
         calibration = [json.loads(x)["text"] for x in selection[1].read_text(encoding="utf-8").splitlines() if x.strip()] \
             if selection[1] else validation[0][:256]
         found = search(tmp, validation, calibration, args.max_int8_drop, args.threads, args.int8_keep, args.int8_try_all,
-                       methods=("static",) if args.int8_static_only else ("dynamic", "static"))
+                       methods=("static",) if args.int8_static_only else ("rowwise", "static", "dynamic"),
+                       allow_batch_dependent=args.allow_batch_dependent)
         report["int8_search"] = found
         report["quantization"] = {"method": found["chosen"] or f"{found['shipped']} (not the default)", "cpu_flags": flags, "seconds": found["seconds"]}
         for c in found["candidates"]:

@@ -241,6 +241,15 @@ def parse_predict(body: bytes, limits: Limits) -> tuple[list[str], bool, bool, b
     return texts, single, flags["raw_scores"], flags["truncate"], top_k
 
 
+def batch_independent(clf: OnnxClassifier) -> bool:
+    """Whether a row's answer never depends on its batch mates: fp32, or a row-wise / static int8."""
+    if clf.variant == "fp32":
+        return True
+    search = clf.report.get("int8_search") or {}
+    shipped = next((c for c in search.get("candidates", []) if c["name"] == search.get("shipped")), {})
+    return bool(shipped.get("batch_independent"))
+
+
 def scores(logits: np.ndarray, task: Task, raw: bool, top_k: int | None) -> list[list[dict[str, Any]]]:
     """TEI's shape: per input, labels with scores, best first. Multi-label: each label's sigmoid probability
     (they do not sum to 1) and `chosen`, whether it is on at its threshold (the same decision as files)."""
@@ -364,6 +373,7 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
             # The dir's name only: where the server keeps its files is none of a client's business.
             "model": clf.model_dir.name, "labels": clf.labels, "variant": clf.variant, "task": clf.task.name,
             "thresholds": clf.task.thresholds,
+            "batch_independent": batch_independent(clf),
             "quantization": (clf.report.get("quantization") or {}).get("method") if clf.variant == "int8" else None,
             "max_length": clf.max_length, "limits": asdict(limits), "version": _version(),
             "workers": len(models), "threads_per_worker": clf.threads,
