@@ -34,3 +34,41 @@ def test_the_readme_links_the_generated_references() -> None:
     readme = (REPO / "README.md").read_text()
     assert "docs/config.md" in readme and "benchmarks/README.md#results" in readme
     assert "| `train.lr` |" in (REPO / "docs" / "config.md").read_text()
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every trainer, export and serve_cli command line in the README's bash blocks, as argv lists."""
+    import re
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("|")[-1].strip()  # `cat x | serve_cli ...`: the command after the pipe
+            argv = shlex.split(line, comments=True)
+            if argv:
+                out.append(argv)
+    return out
+
+
+def test_every_readme_command_is_accepted_by_its_program() -> None:
+    """The README's commands parse as written: known flags and values, config keys that exist, typed values."""
+    from export.to_onnx import parse_args as export_args
+    from serve_cli.__main__ import parse_args as serve_args
+    from trainer.config import load_config
+    from trainer.train import parse_args as train_args
+
+    seen = {"train": 0, "export": 0, "serve_cli": 0}
+    for argv in _readme_commands():
+        if "trainer/train.py" in argv:
+            args = train_args([a for a in argv[argv.index("trainer/train.py") + 1 :] if a != "[key=value" and a != "...]"])
+            load_config(REPO / args.config if args.config else None, args.overrides)
+            seen["train"] += 1
+        elif argv[:3] == ["python", "-m", "export.to_onnx"]:
+            export_args(argv[3:])
+            seen["export"] += 1
+        elif argv[0] == "serve_cli":
+            serve_args(argv[1:])
+            seen["serve_cli"] += 1
+    assert seen["train"] >= 5 and seen["export"] >= 4 and seen["serve_cli"] >= 8, seen
