@@ -10,10 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from loraship.files import ADAPTER_META as META
-from loraship.files import CALIBRATION_FILE, REPORT, VALIDATION_FILE
-
-__all__ = ["CALIBRATION_FILE", "META", "REPORT", "VALIDATION_FILE"]
+from loraship.files import ADAPTER_META as META  # noqa: F401  (the export's name for it)
+from loraship.files import CALIBRATION_FILE, REPORT, VALIDATION_FILE  # noqa: F401  (re-exported for the export's modules)
 
 INT8_FILE = "model_quantized.onnx"
 MERGE_STAMP = "loraship_merge.json"

@@ -19,9 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from loraship.files import REPORT
-from loraship.task import Task, softmax
-
-__all__ = ["Task", "softmax"]
+from loraship.task import Task
 
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_quantized.onnx"}
 CHARS_PER_TOKEN_CAP = 64  # characters kept per token of max_length before tokenizing

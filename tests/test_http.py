@@ -18,8 +18,9 @@ import httpx
 import numpy as np
 import pytest
 
+from loraship.task import softmax
 from serve_cli.__main__ import main as cli_main
-from serve_cli.runtime import OnnxClassifier, softmax
+from serve_cli.runtime import OnnxClassifier
 from tests.conftest import REPO, make_texts
 
 
