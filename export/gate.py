@@ -23,7 +23,7 @@ def load_eval_file(path: Path, text_field: str, label_field: str, labels: list[s
     """Rows through the one reader, labels through the one label map (multi-label: a 0/1 row over the labels);
     the first bad row or unknown label stops the export with the reader's words."""
     from loraship import rows as reader
-    from loraship.labels import LabelMap, is_unknown
+    from loraship.labels import LabelMap, UnknownLabel
 
     label_map = LabelMap(labels)
     texts: list[str] = []
@@ -33,12 +33,11 @@ def load_eval_file(path: Path, text_field: str, label_field: str, labels: list[s
         for row in rows:
             if isinstance(row, reader.RowError):
                 raise ExportError(f"{row.where}: {row.message}")
-            k = label_map.ids(row.label) if multi else label_map.id(row.label)
-            if k is None or is_unknown(k):
-                raise ExportError(str(label_map.unknown(row.where, getattr(k, "value", row.label),
-                                                        "Evaluate with a file of the model's labels")))
+            try:
+                y.append(label_map.target(row.label, multi))
+            except UnknownLabel as e:
+                raise ExportError(str(label_map.unknown(row.where, e.value, "Evaluate with a file of the model's labels"))) from e
             texts.append(row.text)
-            y.append([int(i in k) for i in range(len(labels))] if multi else k)
     except reader.InputError as e:
         raise ExportError(str(e)) from e
     if not texts:

@@ -22,6 +22,14 @@ class LabelError(ValueError):
     """A label value that fits no label, or a label set that cannot be decided; the message says the fix."""
 
 
+class UnknownLabel(LabelError):
+    """A raw value that fits no label (`value`); LabelMap.unknown words the message with file and fix."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__(f"label {str(value)!r} fits no label")
+        self.value = value
+
+
 def is_integer(value: Any) -> bool:
     if isinstance(value, bool):
         return False
@@ -59,16 +67,21 @@ class LabelMap:
             return self.by_value.get(value)
         return value if 0 <= value < len(self.names) else None
 
-    def ids(self, raw: Any) -> list[int] | Any:
-        """Multi-label: the ids of a list of raw values (a single value counts as a list of one); the first
-        value that fits no label is returned instead, for the message."""
-        out = []
+    def target(self, raw: Any, multi: bool = False) -> int | list[int]:
+        """What a model learns for a raw label: its id, or (`multi`) a 0/1 row over the labels from a list of
+        values (one value counts as a list of one). UnknownLabel names the first value that fits no label."""
+        if not multi:
+            k = None if isinstance(raw, list) else self.id(raw)
+            if k is None:
+                raise UnknownLabel(raw)
+            return k
+        row = [0] * len(self.names)
         for value in raw if isinstance(raw, list) else [raw]:
             k = self.id(value)
             if k is None:
-                return _Unknown(value)
-            out.append(k)
-        return sorted(set(out))
+                raise UnknownLabel(value)
+            row[k] = 1
+        return row
 
     def rule(self) -> str:
         if self.integer_names:
@@ -79,17 +92,6 @@ class LabelMap:
         shown = ", ".join(self.names[:20]) + (f", ... ({len(self.names)} in all)" if len(self.names) > 20 else "")
         return LabelError(f"{where}: label {str(raw)!r} is not one the model knows ({shown}); {self.rule()}"
                           + (f". {fix}" if fix else ""))
-
-
-class _Unknown:
-    """A value of a label list that fits no label (LabelMap.ids)."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-
-def is_unknown(found: Any) -> bool:
-    return isinstance(found, _Unknown)
 
 
 def flatten(values: Iterable[Any]) -> list[Any]:

@@ -112,25 +112,31 @@ def macro_f1_by_threshold(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return out
 
 
+def best_on_grid(scores: np.ndarray) -> float:
+    """The THRESHOLD_GRID value with the best score; ties go to the threshold nearest 0.5."""
+    top = scores.max()
+    nearest_half = np.argsort(np.abs(THRESHOLD_GRID - 0.5), kind="stable")
+    return float(THRESHOLD_GRID[next(i for i in nearest_half if scores[i] >= top - 1e-12)])
+
+
+def best_global_threshold(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """The one threshold for every label with the best macro F1."""
+    return best_on_grid(macro_f1_by_threshold(np.asarray(y_true).astype(bool), probs))
+
+
 def choose_thresholds(y_true: np.ndarray, probs: np.ndarray, labels: list[str], min_positives: int) -> dict[str, Any]:
     """Decision thresholds chosen on labelled rows (validation): one global threshold (best macro F1 with
     every label at it), and per label the threshold of its best F1 where it has >= `min_positives` positive
     rows; rarer labels keep the global one. Ties go to the threshold nearest 0.5."""
     y = np.asarray(y_true).astype(bool)
-    nearest_half = np.argsort(np.abs(THRESHOLD_GRID - 0.5), kind="stable")
-
-    def best(scores: np.ndarray) -> float:
-        top = scores.max()
-        return float(THRESHOLD_GRID[next(i for i in nearest_half if scores[i] >= top - 1e-12)])
-
-    global_t = best(macro_f1_by_threshold(y, probs))
+    global_t = best_global_threshold(y, probs)
     per_label, own = {}, []
     for i, name in enumerate(labels):
         if y[:, i].sum() >= min_positives:
             on = probs[None, :, i] >= THRESHOLD_GRID[:, None]  # (thresholds, rows)
             col = y[None, :, i]
             tp, fp, fn = ((on & col).sum(1), (on & ~col).sum(1), (~on & col).sum(1))
-            per_label[name] = best(_f1(tp.astype(float), fp.astype(float), fn.astype(float)))
+            per_label[name] = best_on_grid(_f1(tp.astype(float), fp.astype(float), fn.astype(float)))
             own.append(name)
         else:
             per_label[name] = global_t

@@ -18,7 +18,7 @@ import numpy as np
 
 from loraship import rows as reader
 from loraship.fsutil import atomic_dir, check_not_locked, check_replaceable
-from loraship.labels import LabelMap, is_unknown
+from loraship.labels import LabelMap, UnknownLabel
 from loraship.rows import InputError, RowError
 from serve_cli.io import AtomicOutput, RowFailure, error_record, fail_fast
 from serve_cli.runtime import VARIANT_FILES, OnnxClassifier, proba_in_order
@@ -134,15 +134,14 @@ def read_labeled(args: argparse.Namespace, labels: list[str], multi: bool = Fals
             if not args.quiet and args.on_error == "skip":
                 print(f"{item.where}: {item.message}", file=sys.stderr)
             continue
-        target = label_map.ids(item.label) if multi else label_map.id(item.label)
-        if target is None or is_unknown(target):
+        try:
+            y.append(label_map.target(item.label, multi))
+        except UnknownLabel as e:
             if args.unknown_labels == "error":
-                value = getattr(target, "value", item.label)
-                raise RowFailure(str(label_map.unknown(item.where, value, "--unknown-labels count leaves such rows out")))
+                raise RowFailure(str(label_map.unknown(item.where, e.value, "--unknown-labels count leaves such rows out"))) from e
             unknown += 1
             continue
         texts.append(item.text)
-        y.append([int(i in target) for i in range(len(labels))] if multi else target)
     if not texts:
         raise InputError(f"{args.input}: no labeled rows to evaluate")
     return texts, y, errors, unknown

@@ -73,8 +73,8 @@ def test_each_input_shape_reads_the_same_label_sets(tmp_path: Path, shape: str) 
                         + "".join(f'"{t}",' + ",".join(str(int(lab in ls)) for lab in LABELS) + "\n" for t, ls in rows))
         fields = Fields("text", None, label_fields=tuple(LABELS))
     names = LabelMap(LABELS)
-    got = [(r.text, sorted(names.ids(r.label))) for r in iter_rows(str(path), fields)]
-    assert got == [(t, sorted(names.ids(ls))) for t, ls in rows]
+    got = [(r.text, names.target(r.label, multi=True)) for r in iter_rows(str(path), fields)]
+    assert got == [(t, names.target(ls, multi=True)) for t, ls in rows]
 
 
 def test_no_labels_only_where_the_format_says_so(tmp_path: Path) -> None:
@@ -171,7 +171,7 @@ def test_rows_below_every_threshold_get_no_label_and_count_as_missed(ml_exported
                 "--report-dir", str(rep), "--threshold", "1.01", "--quiet"]) == 0
     m = json.loads((rep / "metrics.json").read_text())
     names = LabelMap(m["labels"])
-    y = np.array([[int(i in names.ids(r["labels"])) for i in range(len(m["labels"]))] for r in _test_rows(ml_data)])
+    y = np.array([names.target(r["labels"], multi=True) for r in _test_rows(ml_data)])
     assert m["f1_micro"] == 0.0 == f1_score(y, np.zeros_like(y), average="micro", zero_division=0)
     empty = int((y.sum(1) == 0).sum())
     assert m["accuracy"] == pytest.approx(empty / len(y)), "rows without labels are right when nothing is predicted"

@@ -141,7 +141,7 @@ def test_auto_patience_is_three_epochs_of_evaluations(capsys: pytest.CaptureFixt
         cfg = Config()
         cfg.train.eval_every = eval_every
         labels = np.array([0, 1] * 500)
-        run = SimpleNamespace(cfg=cfg, labels=["a", "b"], recipe={}, class_weights=None,
+        run = SimpleNamespace(cfg=cfg, labels=["a", "b"], task="single_label", recipe={}, class_weights=None,
                               splits={"train": SimpleNamespace(labels=lambda: labels, __len__=lambda: 1000)},
                               accelerator=SimpleNamespace(num_processes=1, print=print, device="cpu"))
         run.splits["train"] = _Sized(labels)

@@ -16,7 +16,7 @@ from torch.utils.data import Sampler
 
 from loraship import labels as labels_mod
 from loraship import rows as rows_mod
-from loraship.labels import LabelError, LabelMap
+from loraship.labels import LabelError, LabelMap, UnknownLabel
 from loraship.rows import Fields, Row
 
 Label = str | int  # a raw label as read: a string, or an integer (JSON number, Parquet int column)
@@ -87,10 +87,10 @@ def encode_labels(rows: LabeledRows, labels: LabelMap, fix: str = UNKNOWN_FIX) -
     """Map raw labels to ids; an unknown label is an error naming file, line, label and the fix."""
     ids = []
     for where, label in zip(rows.wheres, rows.labels, strict=True):
-        k = labels.id(label)
-        if k is None:
-            raise DataError(str(labels.unknown(where, label, fix)))
-        ids.append(k)
+        try:
+            ids.append(labels.target(label))
+        except UnknownLabel as e:
+            raise DataError(str(labels.unknown(where, e.value, fix))) from e
     return ids
 
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from torch.utils.data import Dataset
 
-from loraship.labels import LabelMap, is_unknown
+from loraship.labels import LabelMap, UnknownLabel
 from loraship.rows import Fields, list_files, where
 from trainer.data import BATCH_ROWS, UNKNOWN_FIX, DataError, Label, iter_rows
 
@@ -141,17 +141,14 @@ class TokenizedSplit(Dataset):
         lut = np.zeros((len(codes.dictionary), len(labels)) if multi else len(codes.dictionary), dtype=np.float32 if multi else np.int64)
         for k, stored in enumerate(codes.dictionary.to_pylist()):
             value = decode_label(stored)
-            found = labels.ids(value) if multi else (labels.id(value) if not isinstance(value, list) else None)
-            if found is None or is_unknown(found):
-                first = int(np.flatnonzero(index == k)[0])
+            try:
+                lut[k] = labels.target(value, multi)
+            except UnknownLabel as e:
+                first = self.where(int(np.flatnonzero(index == k)[0]))
                 if isinstance(value, list) and not multi:
-                    raise DataError(f"{self.where(first)}: a list of labels in a single-label run; "
-                                    "set data.task=multi_label (or auto) to train a multi-label model")
-                raise DataError(str(labels.unknown(self.where(first), getattr(found, "value", value), UNKNOWN_FIX)))
-            if multi:
-                lut[k, found] = 1.0
-            else:
-                lut[k] = found
+                    raise DataError(f"{first}: a list of labels in a single-label run; "
+                                    "set data.task=multi_label (or auto) to train a multi-label model") from e
+                raise DataError(str(labels.unknown(first, e.value, UNKNOWN_FIX))) from e
         self.label_ids = lut[index]
 
 

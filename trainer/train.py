@@ -44,16 +44,16 @@ from loraship.fsutil import (
     temp_dir_beside,
 )
 from loraship.metrics import (
-    THRESHOLD_GRID,
+    best_global_threshold,
     choose_thresholds,
     decide,
-    macro_f1_by_threshold,
     multilabel_report,
     summary_metrics,
     threshold_vector,
 )
 from loraship.quiet import quiet_third_party
 from loraship.rows import Fields
+from loraship.task import PROBLEM_TYPES
 from trainer import checkpoints, mfu, recipe
 from trainer.config import (
     Config,
@@ -330,12 +330,7 @@ def evaluate(model: Any, loader: DataLoader, accelerator: Any, labels: list[str]
 
 def multilabel_metrics(y: np.ndarray, probs: np.ndarray, labels: list[str], detailed: bool,
                        thresholds: dict[str, Any] | None) -> dict[str, Any]:
-    if thresholds is None:
-        scores = macro_f1_by_threshold(y, probs)
-        k = int(scores.argmax())
-        cut: Any = float(THRESHOLD_GRID[k])
-    else:
-        cut = threshold_vector(thresholds, labels)
+    cut: Any = best_global_threshold(y, probs) if thresholds is None else threshold_vector(thresholds, labels)
     report = multilabel_report(y, decide(probs, cut), labels)
     if not detailed:
         report = {k: v for k, v in report.items() if k not in ("per_label", "labels")}
@@ -590,6 +585,12 @@ def data_fingerprint(splits: dict[str, TokenizedSplit]) -> str:
 CALIBRATION_ROWS = 2000
 
 
+def label_counts(split: TokenizedSplit, n_labels: int) -> np.ndarray:
+    """Rows of each label (multi-label: positive rows per label; a row counts once per label it has)."""
+    y = split.labels()
+    return y.sum(0).astype(np.int64) if y.ndim == 2 else np.bincount(y, minlength=n_labels)
+
+
 def label_names_of(labels: list[str], target: Any) -> str | list[str]:
     """A row's label as a name, or a multi-label row's 0/1 list as the list of its names."""
     return [n for n, on in zip(labels, target, strict=True) if on] if isinstance(target, list) else labels[target]
@@ -618,8 +619,7 @@ def build_training(run: Run) -> None:
     """Model with LoRA, AdamW (no decay on biases/LayerNorm), warmup + decay schedule, prepared loaders."""
     cfg, accelerator = run.cfg, run.accelerator
     try:
-        problem = "multi_label_classification" if run.task == "multi_label" else "single_label_classification"
-        model = build_model(cfg.model, cfg.lora, run.labels, cfg.train.seed, problem)
+        model = build_model(cfg.model, cfg.lora, run.labels, cfg.train.seed, PROBLEM_TYPES[run.task])
     except ValueError as e:  # an option this architecture does not support (model.pooling=mean)
         raise TrainingError(f"{cfg.model.name_or_path}: {e}") from e
     # Not with DoRA: it reads the full-precision base weights outside the autocast products (its norms).
@@ -660,10 +660,8 @@ def plan_steps(run: Run) -> None:
     t, acc = run.cfg.train, run.accelerator
     rows = len(run.splits["train"])
     run.per_epoch = steps_per_epoch(rows, t.batch_size, acc.num_processes, t.grad_accum)
-    train_labels = run.splits["train"].labels()
-    multi = train_labels.ndim == 2
-    # Rows of each label (multi-label: positives per label; a row counts once per label it has).
-    counts = train_labels.sum(0).astype(np.int64) if multi else np.bincount(train_labels, minlength=len(run.labels))
+    multi = run.task == "multi_label"
+    counts = label_counts(run.splits["train"], len(run.labels))
     if t.max_steps:
         epochs, why = t.max_steps / run.per_epoch, f"train.max_steps={t.max_steps}"
     elif t.epochs == "auto":
@@ -1026,8 +1024,7 @@ def update_adapter_meta(run: Run, extra: dict[str, Any]) -> None:
 def card_facts(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
     """What the model card says about the data and the training: sizes, label counts and a fingerprint of
     the training rows (no paths, no texts), the recipe that ran, its time and the machine."""
-    train_labels = run.splits["train"].labels()
-    counts = train_labels.sum(0) if train_labels.ndim == 2 else np.bincount(train_labels, minlength=len(run.labels))
+    counts = label_counts(run.splits["train"], len(run.labels))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores"
