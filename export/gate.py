@@ -77,10 +77,10 @@ def measure_file(onnx_dir: Path, data: tuple[list[str], np.ndarray], name: str, 
     """Accuracy and F1 of ONNX fp32 and int8 (and the merged PyTorch model if given) on a labeled file, with
     serve_cli's batching (multi-label: at the model's thresholds). A report, never a choice: the default
     variant is chosen on validation."""
-    from serve_cli.runtime import OnnxClassifier
+    from serve_cli.runtime import model_task
 
     texts, y = data
-    task = OnnxClassifier(onnx_dir, variant="fp32").task
+    task = model_task(onnx_dir)
     out: dict[str, Any] = {"file": name, "rows": len(y), "task": task.name}
     if merged is not None:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # length-sorted batches: little padding
@@ -101,10 +101,10 @@ def measure_file(onnx_dir: Path, data: tuple[list[str], np.ndarray], name: str, 
 def validation_gate(onnx_dir: Path, data: tuple[list[str], np.ndarray], args: argparse.Namespace, method: str) -> tuple[str, dict[str, Any]]:
     """One given int8 method (not the search): int8 is the default if it keeps the validation headline metric
     (accuracy; multi-label: macro F1 at the model's thresholds)."""
-    from serve_cli.runtime import OnnxClassifier
+    from serve_cli.runtime import model_task
 
     texts, y = data
-    task = OnnxClassifier(onnx_dir, variant="fp32").task
+    task = model_task(onnx_dir)
     fp32, int8 = (float(task.metrics(y, onnx_proba(onnx_dir, v, texts, args.threads))[task.headline]) for v in ("fp32", "int8"))
     drop = 100 * (fp32 - int8)
     ok = drop <= args.max_int8_drop

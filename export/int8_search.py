@@ -210,10 +210,10 @@ class Selection:
     model's thresholds (expected drop: soft micro F1) for multi-label."""
 
     def __init__(self, onnx_dir: Path, validation: tuple[list[str], np.ndarray], unlabelled: list[str], threads: int) -> None:
-        from serve_cli.runtime import OnnxClassifier
+        from serve_cli.runtime import model_task
 
         self.onnx_dir, self.threads = onnx_dir, threads
-        self.task = OnnxClassifier(onnx_dir, variant="fp32").task
+        self.task = model_task(onnx_dir)
         self.texts, self.y = validation[0] + unlabelled, validation[1]
         self.fp32, self.fp32_rate = measure(onnx_dir, "fp32", self.texts, threads)
         self.fp32_accuracy = self.accuracy(self.fp32)

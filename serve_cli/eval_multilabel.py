@@ -24,10 +24,9 @@ def write_report(tmp: Path, task: Task, texts: list[str], y: np.ndarray, results
     (tmp / "metrics.json").write_text(json.dumps({**main, "extra_metrics": extra, "compare": compare}, indent=2))
     with (tmp / "predictions.jsonl").open("w", encoding="utf-8") as f:
         for text, t, p in zip(texts, y, probs, strict=True):
+            row = task.row_output(p, len(task.labels), args.threshold)  # the labels and scores predict writes
             f.write(json.dumps({"text": text, "true": [n for n, on in zip(task.labels, t, strict=True) if on],
-                                "pred": [n for n, on in zip(task.labels, p >= cut, strict=True) if on],
-                                "scores": {n: round(float(v), 6) for n, v in zip(task.labels, p, strict=True)}},
-                               ensure_ascii=False) + "\n")
+                                "pred": row["labels"], "scores": row["scores"]}, ensure_ascii=False) + "\n")
     plotted = plot_per_label_f1(main, tmp / "per_label_f1.png")
     (tmp / "report.md").write_text(markdown(main, compare, extra, args.input, plotted, cut))
 

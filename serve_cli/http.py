@@ -35,7 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from loraship.task import Task
 from serve_cli.page import PAGE
-from serve_cli.runtime import OnnxClassifier
+from serve_cli.runtime import OnnxClassifier, int8_batch_independent
 
 log = logging.getLogger("serve_cli.http")
 
@@ -241,15 +241,6 @@ def parse_predict(body: bytes, limits: Limits) -> tuple[list[str], bool, bool, b
     return texts, single, flags["raw_scores"], flags["truncate"], top_k
 
 
-def batch_independent(clf: OnnxClassifier) -> bool:
-    """Whether a row's answer never depends on its batch mates: fp32, or a row-wise / static int8."""
-    if clf.variant == "fp32":
-        return True
-    search = clf.report.get("int8_search") or {}
-    shipped = next((c for c in search.get("candidates", []) if c["name"] == search.get("shipped")), {})
-    return bool(shipped.get("batch_independent"))
-
-
 def scores(logits: np.ndarray, task: Task, raw: bool, top_k: int | None) -> list[list[dict[str, Any]]]:
     """TEI's shape: per input, labels with scores, best first. Multi-label: each label's sigmoid probability
     (they do not sum to 1) and `chosen`, whether it is on at its threshold (the same decision as files)."""
@@ -373,7 +364,8 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
             # The dir's name only: where the server keeps its files is none of a client's business.
             "model": clf.model_dir.name, "labels": clf.labels, "variant": clf.variant, "task": clf.task.name,
             "thresholds": clf.task.thresholds,
-            "batch_independent": batch_independent(clf),
+            # fp32, or an int8 whose answer for a row never depends on its batch mates (row-wise, static)
+            "batch_independent": clf.variant == "fp32" or int8_batch_independent(clf.report),
             "quantization": (clf.report.get("quantization") or {}).get("method") if clf.variant == "int8" else None,
             "max_length": clf.max_length, "limits": asdict(limits), "version": _version(),
             "workers": len(models), "threads_per_worker": clf.threads,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from loraship.task import THRESHOLDS_KEY, Task
-from serve_cli.runtime import VARIANT_FILES, read_model_dir
+from serve_cli.runtime import VARIANT_FILES, int8_batch_independent, read_model_dir
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -34,9 +34,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             info["verdict"] = report["gate"].get("verdict")
         if "int8_search" in report:
             s = report["int8_search"]
-            # Whether the int8 file answers a row the same whatever its batch mates (rowwise, static) or not (dynamic).
-            shipped = next((c for c in s["candidates"] if c["name"] == s.get("shipped")), {})
-            info["int8_batch_independent"] = shipped.get("batch_independent", shipped.get("method") in ("rowwise", "static"))
+            info["int8_batch_independent"] = int8_batch_independent(report)
             info["int8_search"] = {"selected_on": s["selected_on"], "chosen": s["chosen"], "candidates": [
                 {k: c.get(k) for k in ("name", "batch_independent", "exclude", "accuracy", "drop_points", "expected_drop_points",
                                        "unlabelled_expected_drop_points", "agreement", "rows_per_second", "chosen")} for c in s["candidates"]]}

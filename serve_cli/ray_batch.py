@@ -355,7 +355,7 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
             )
             lost = lost_rows(read, predicted)
             if lost is not None:
-                predicted = ray.data.from_arrow([*ray.get(predicted.to_arrow_refs()), lost])
+                predicted = predicted.union(ray.data.from_arrow(lost))
             unused = ["label", "score", "top_k"] if Task.from_config(config).multi else ["labels", "scores"]
             ok = predicted.map_batches(_split, fn_kwargs={"errors": False, "unused": unused}, batch_format="pyarrow")
             bad = predicted.map_batches(_split, fn_kwargs={"errors": True, "unused": unused}, batch_format="pyarrow")

@@ -47,6 +47,19 @@ def read_model_dir(model_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], d
     return config, report
 
 
+def model_task(model_dir: str | os.PathLike[str]) -> Task:
+    """The task of an export (from its config.json), without loading a session."""
+    return Task.from_config(read_model_dir(model_dir)[0])
+
+
+def int8_batch_independent(report: dict[str, Any]) -> bool:
+    """Whether the export's int8 file answers a row the same whatever its batch mates (row-wise or static int8)
+    or not (dynamic int8), from the int8 search in the export report."""
+    search = report.get("int8_search") or {}
+    shipped = next((c for c in search.get("candidates", []) if c["name"] == search.get("shipped")), {})
+    return bool(shipped.get("batch_independent"))  # older reports do not record it: False, the safe answer
+
+
 def default_variant(model_dir: Path, report: dict[str, Any]) -> str:
     """The export's chosen variant; for exports without a report, int8 when present."""
     return report.get("default_variant") or ("int8" if (model_dir / VARIANT_FILES["int8"]).is_file() else "fp32")
