@@ -82,6 +82,7 @@ def results() -> str:
         out += ["", f"Command: `{qz['command']}`.", ""]
     out += train_step(machines) + int8_candidates(machines) + int8_profile(machines) + recipe_table(machines) + pooling(machines)
     out += multilabel(machines)
+    out += pairs(machines)
     h = _load("serve_http")
     if h:
         machines.add((h["machine"]["cpu"], h["machine"]["cores"]))
@@ -273,10 +274,44 @@ def multilabel(machines: set[tuple[str, int]]) -> list[str]:
             f"test rows, labels equal to `serve_cli predict`'s: {same}.", "", "Command: `python benchmarks/multilabel.py`.", ""]
 
 
+def pairs(machines: set[tuple[str, int]]) -> list[str]:
+    r = _measured("pairs", machines)
+    if not r:
+        return []
+    m = r["machine"]
+    out = [f"### Sentence pairs: SICK entailment (3 classes) and relatedness (regression) ({m['cpu']}, {m['cores']} cores; "
+           "defaults and data paths only)", "",
+           f"{r['data']['train']:,} training pairs, {r['data']['validation']} validation, {r['data']['test']:,} test. Published "
+           "references: SemEval-2014's best systems 0.845 accuracy / 0.828 Pearson; fine-tuned BERT-base about 0.88-0.89 Pearson.", "",
+           "| task | model | metric | test | other figures | rows/s |", "|---|---|---|---|---|---|"]
+    for name in ("entailment", "relatedness"):
+        if name not in r:
+            continue
+        t, metric = r[name], r[name]["metric"]
+        others = [k for k in t["test_onnx"]["fp32"] if k != metric][:3]
+        out.append(f"| {name} | trained adapter (PyTorch) | {metric} | {t['test_torch'][metric]:.4f} | "
+                   + ", ".join(f"{k} {t['test_torch'][k]:.4f}" for k in others) + " | - |")
+        for v in ("fp32", "int8"):
+            tag = " (default)" if t["default_variant"] == v else ""
+            o = t["test_onnx"][v]
+            out.append(f"| {name} | ONNX {v}{tag} | {metric} | {o[metric]:.4f} | " + ", ".join(f"{k} {o[k]:.4f}" for k in others)
+                       + f" | {t['rows_per_second'][v]:.0f} |")
+    for name in ("entailment", "relatedness"):
+        if name in r:
+            t = r[name]
+            same = "; ".join(f"{v}: HTTP {x['http_equal']:.2%}, Ray {x['ray_equal']:.2%}" for v, x in t["same_outputs"].items())
+            out += ["", f"{name}: {t['training']['steps']} steps ({t['training']['recipe']['epochs']:g} epochs, "
+                    f"{t['training']['mixed_precision']}), {t['training']['loop_seconds']:.0f} s; int8 ({t['int8_chosen']}) "
+                    f"{t['int8_speedup']:.2f}x fp32's rows/s, int8 minus fp32 on test {t['int8_minus_fp32']:+.4f} {t['metric']}; "
+                    f"all {t['data_rows'] if 'data_rows' in t else r['data']['test']:,} test pairs, outputs equal to `serve_cli predict`'s "
+                    f"(label, or score within 1e-5): {same}."]
+    return [*out, "", "Command: `python benchmarks/pairs.py`.", ""]
+
+
 def headline() -> str:
     """The README's short results table: one line per headline figure, its machine, a link to the full results."""
     rows = []
-    q, t, i, m = (_load(n) for n in ("quality", "train_throughput", "inference", "multilabel"))
+    q, t, i, m, pr = (_load(n) for n in ("quality", "train_throughput", "inference", "multilabel", "pairs"))
     if q:
         best = max(q["rows"], key=lambda r: r["onnx_int8"]["accuracy"])
         rows.append(f"| AG News test accuracy, ONNX int8 (reference project: 0.918) | {best['onnx_int8']['accuracy']:.4f} | {q['machine']['cpu']} |")
@@ -289,6 +324,12 @@ def headline() -> str:
     if m:
         rows.append(f"| GoEmotions (multi-label) test macro F1, int8 default (paper's BERT-base: 0.46) | "
                     f"{m['test_onnx'][m['default_variant']]['f1_macro']:.4f} | {m['machine']['cpu']} |")
+    if pr:
+        for name, what in (("entailment", "SICK-E (sentence pairs) test accuracy"), ("relatedness", "SICK-R (regression) test Pearson")):
+            if name in pr:
+                t = pr[name]
+                rows.append(f"| {what}, int8 default (SemEval-2014 best: {0.845 if name == 'entailment' else 0.828}) | "
+                            f"{t['test_onnx'][t['default_variant']][t['metric']]:.4f} | {pr['machine']['cpu']} |")
     return "\n".join(["| figure | value | machine |", "|---|---|---|", *rows, "",
                       "Every table, its command and machine: [benchmarks/README.md](benchmarks/README.md#results)."])
 

@@ -79,10 +79,23 @@ def write(out_dir: Path, meta: dict[str, Any], report: dict[str, Any] | None, ki
 def _sections(out_dir: Path, meta: dict[str, Any], report: dict[str, Any], kind: str, base: str, name: str) -> list[str]:
     task = meta.get("task", "single_label")
     labels = meta["labels"]
-    lines = [f"# {name}: {'multi-label' if task == 'multi_label' else 'single-label'} text classifier", "",
+    pair = meta.get("text_pair_field")
+    what = {"multi_label": "multi-label text classifier", "regression": "text regression model"}.get(task, "single-label text classifier")
+    if pair:
+        what = what.replace("text", "sentence-pair", 1)
+    lines = [f"# {name}: {what}", "",
              f"LoRA fine-tune of `{base}`, merged into the base model"
-             + (" and exported to ONNX (fp32 and int8)." if kind == "onnx" else "."), "", "## Task and labels", "",
-             f"{len(labels)} labels: " + ", ".join(f"`{n}`" for n in labels) + "."]
+             + (" and exported to ONNX (fp32 and int8)." if kind == "onnx" else "."), "", "## Task and labels", ""]
+    if pair:
+        lines += [f"Inputs: a pair of texts, `{meta.get('text_field', 'text')}` and `{pair}`, encoded as the tokenizer's pair "
+                  "(`[CLS] a [SEP] b [SEP]`), truncated longest-first.", ""]
+    if task == "regression":
+        t = meta.get("target") or {}
+        lines += [f"One score, `{t.get('name', labels[0])}`, in the training data's units: the model was trained on the target "
+                  f"scaled by the training mean {t.get('mean', 0):.4g} and standard deviation {t.get('std', 1):.4g}; the scale is "
+                  "stored in config.json (`loraship_target`) and serve_cli undoes it (raw ONNX output x std + mean)."]
+    else:
+        lines += [f"{len(labels)} labels: " + ", ".join(f"`{n}`" for n in labels) + "."]
     if task == "multi_label":
         th = meta.get("thresholds") or {}
         lines += ["", "Multi-label: one sigmoid probability per label; a label is on when its probability is at or above its "
@@ -93,14 +106,16 @@ def _sections(out_dir: Path, meta: dict[str, Any], report: dict[str, Any], kind:
     lines += ["", "## Training", "", *_recipe_lines(meta)]
     if kind == "onnx":
         lines += ["", "## Evaluation", "", *_eval_lines(report)]
-    lines += ["", "## How to use", "", *_usage_lines(out_dir, kind, task)]
+    lines += ["", "## How to use", "", *_usage_lines(out_dir, kind, task, bool(pair))]
     max_length = meta.get("max_length")
     lines += ["", "## Limitations", "",
               f"- Inputs are truncated to {max_length} tokens; longer texts are judged on their beginning.",
               "- Evaluated only on the splits above (same source as the training data); not on other domains, languages "
               "or time periods. Measure it on your own data (`serve_cli eval`) before relying on it.",
-              "- Dynamic int8 computes activation scales per batch: a text's int8 probabilities can change slightly with "
-              "its batch mates (fp32 does not)." if kind == "onnx" else "- The int8 variant is made by the ONNX export."]
+              ("- Dynamic int8 computes activation scales per batch: a text's int8 probabilities can change slightly with "
+             "its batch mates (fp32 does not)." if not report.get("int8_search", {}).get("batch_independent") else
+             "- The int8 file computes each row from that row alone: its answer does not depend on its batch mates.")
+            if kind == "onnx" else "- The int8 variant is made by the ONNX export."]
     return lines
 
 
@@ -109,6 +124,12 @@ def _data_lines(meta: dict[str, Any]) -> list[str]:
     if not data:
         return ["Not recorded with this adapter (trained before loraship recorded data facts)."]
     rows = ", ".join(f"{k} {v:,}" for k, v in data["rows"].items())
+    if "target" in data:
+        t = data["target"]
+        return [f"- Rows: {rows}.", f"- Training target `{t['name']}`: {t['min']:.4g} to {t['max']:.4g}, mean {t['mean']:.4g}, "
+                f"standard deviation {t['std']:.4g}.",
+                f"- Fingerprint of the training rows (order, targets, token lengths): `{data['fingerprint']}`. No file paths or "
+                "texts are part of this model."]
     counts = sorted(data["label_counts"].items(), key=lambda kv: -kv[1])
     shown = ", ".join(f"{n} {c:,}" for n, c in counts[:12]) + (f", ... ({len(counts)} labels)" if len(counts) > 12 else "")
     return [f"- Rows: {rows}.", f"- Training rows per label: {shown}.",
@@ -145,20 +166,22 @@ def _eval_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _usage_lines(out_dir: Path, kind: str, task: str) -> list[str]:
+def _usage_lines(out_dir: Path, kind: str, task: str, pair: bool = False) -> list[str]:
+    call = '["a text"], ["its pair"]' if pair else '["a text"]'
     if kind == "merged":
         return ["```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
                 f'tok = AutoTokenizer.from_pretrained("{out_dir.name}")',
                 f'model = AutoModelForSequenceClassification.from_pretrained("{out_dir.name}")',
-                'logits = model(**tok(["a text"], return_tensors="pt")).logits',
+                f'logits = model(**tok({call}, return_tensors="pt")).logits',
                 ("probs = logits.sigmoid()  # multi-label: compare with config.loraship_thresholds" if task == "multi_label"
-                 else "probs = logits.softmax(-1)"), "```"]
+                 else "score = logits[:, 0] * model.config.loraship_target['std'] + model.config.loraship_target['mean']"
+                 if task == "regression" else "probs = logits.softmax(-1)"), "```"]
     return ["```bash", f"serve_cli predict --model {out_dir.name} --input texts.jsonl --output predictions.jsonl",
             f"serve_cli serve --model {out_dir.name}   # HTTP, TEI-compatible /predict", "```", "",
             "```python", "import onnxruntime as ort", "from tokenizers import Tokenizer", "",
             f'tok = Tokenizer.from_file("{out_dir.name}/tokenizer.json")',
             f'session = ort.InferenceSession("{out_dir.name}/model_quantized.onnx")  # or model.onnx (fp32)',
-            'enc = tok.encode("a text")',
+            'enc = tok.encode("a text", "its pair")' if pair else 'enc = tok.encode("a text")',
             'feed = {"input_ids": [enc.ids], "attention_mask": [enc.attention_mask], "token_type_ids": [enc.type_ids]}',
             "logits = session.run(None, {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})[0]",
             "```", "", "```python", "from optimum.onnxruntime import ORTModelForSequenceClassification", "",

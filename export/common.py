@@ -29,15 +29,19 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def torch_logits(model: Any, tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
+def torch_logits(model: Any, tokenizer: Any, texts: list[Any], max_length: int, batch_size: int = 32) -> np.ndarray:
+    """Logits of texts or (text, text_pair) pairs, as the tokenizer encodes them (pairs: longest-first truncation)."""
     import torch
+
+    from loraship.rows import split_pairs
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     takes_token_types = "token_type_ids" in inspect.signature(base.forward).parameters
     out = []
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            first, second = split_pairs(texts[i : i + batch_size])
+            enc = tokenizer(first, second, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
             if "token_type_ids" in enc and not takes_token_types:
                 del enc["token_type_ids"]
             out.append(model(**enc).logits.float().numpy())

@@ -19,25 +19,33 @@ import numpy as np
 from export.common import ExportError, torch_logits
 
 
-def load_eval_file(path: Path, text_field: str, label_field: str, labels: list[str], multi: bool = False) -> tuple[list[str], np.ndarray]:
-    """Rows through the one reader, labels through the one label map (multi-label: a 0/1 row over the labels);
-    the first bad row or unknown label stops the export with the reader's words."""
+def load_eval_file(path: Path, text_field: str, label_field: str, labels: list[str], task: str = "single_label",
+                   text_pair_field: str | None = None) -> tuple[list[Any], np.ndarray]:
+    """Rows through the one reader, labels through the one label map (multi-label: a 0/1 row over the labels;
+    regression: the number); the first bad row or unknown label stops the export with the reader's words.
+    With `text_pair_field` the inputs are (text, text_pair) pairs."""
     from loraship import rows as reader
-    from loraship.labels import LabelMap, UnknownLabel
+    from loraship.labels import LabelMap, UnknownLabel, number
 
     label_map = LabelMap(labels)
-    texts: list[str] = []
+    texts: list[Any] = []
     y: list[Any] = []
     try:
-        _, rows = reader.read(str(path), "auto", reader.Fields(text_field, label_field))
+        _, rows = reader.read(str(path), "auto", reader.Fields(text_field, label_field, text_pair=text_pair_field or None))
         for row in rows:
             if isinstance(row, reader.RowError):
                 raise ExportError(f"{row.where}: {row.message}")
-            try:
-                y.append(label_map.target(row.label, multi))
-            except UnknownLabel as e:
-                raise ExportError(str(label_map.unknown(row.where, e.value, "Evaluate with a file of the model's labels"))) from e
-            texts.append(row.text)
+            if task == "regression":
+                value = number(row.label)
+                if value is None:
+                    raise ExportError(f"{row.where}: field {label_field!r} must be a number (a regression target), got {row.label!r}")
+                y.append(value)
+            else:
+                try:
+                    y.append(label_map.target(row.label, task == "multi_label"))
+                except UnknownLabel as e:
+                    raise ExportError(str(label_map.unknown(row.where, e.value, "Evaluate with a file of the model's labels"))) from e
+            texts.append(row.input)
     except reader.InputError as e:
         raise ExportError(str(e)) from e
     if not texts:
@@ -47,43 +55,43 @@ def load_eval_file(path: Path, text_field: str, label_field: str, labels: list[s
 
 def headline_metrics(task: Any, y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """The figures the export reports per model: accuracy and F1 (multi-label: micro/macro F1 at the model's
-    thresholds, subset accuracy)."""
+    thresholds, subset accuracy; regression: Pearson, Spearman, MSE, MAE)."""
     report = task.metrics(y, probs)
-    keys = ("accuracy", "f1_weighted", "f1_macro") + (("f1_micro", "f1_samples") if task.multi else ())
-    return {k: report[k] for k in keys}
+    return {k: report[k] for k in task.headline_keys}
 
 
-def onnx_proba(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
+def onnx_proba(onnx_dir: Path, variant: str, texts: list[Any], threads: int) -> np.ndarray:
     """Probabilities exactly as `serve_cli predict/eval` makes them (its windows, batches and batch mates)."""
     from serve_cli.runtime import OnnxClassifier, proba_in_order
 
     return proba_in_order(OnnxClassifier(onnx_dir, variant=variant, threads=threads or None), texts)
 
 
-def onnx_predict(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
+def onnx_predict(onnx_dir: Path, variant: str, texts: list[Any], threads: int) -> np.ndarray:
     """Predictions exactly as `serve_cli predict/eval` makes them."""
     return onnx_proba(onnx_dir, variant, texts, threads).argmax(-1)
 
 
-def onnx_logits(onnx_dir: Path, variant: str, texts: list[str], threads: int) -> np.ndarray:
+def onnx_logits(onnx_dir: Path, variant: str, texts: list[Any], threads: int) -> np.ndarray:
     """Logits with serve_cli's batching (length-sorted batches of its default size), in input order."""
     from serve_cli.runtime import DEFAULT_BATCH_SIZE, OnnxClassifier, logits_sorted
 
     return logits_sorted(OnnxClassifier(onnx_dir, variant=variant, threads=threads or None), texts, DEFAULT_BATCH_SIZE)
 
 
-def measure_file(onnx_dir: Path, data: tuple[list[str], np.ndarray], name: str, n_labels: int, threads: int,
+def measure_file(onnx_dir: Path, data: tuple[list[Any], np.ndarray], name: str, n_labels: int, threads: int,
                  merged: Any = None, tokenizer: Any = None, max_length: int = 512) -> dict[str, Any]:
     """Accuracy and F1 of ONNX fp32 and int8 (and the merged PyTorch model if given) on a labeled file, with
     serve_cli's batching (multi-label: at the model's thresholds). A report, never a choice: the default
     variant is chosen on validation."""
+    from loraship.rows import input_chars
     from serve_cli.runtime import model_task
 
     texts, y = data
     task = model_task(onnx_dir)
-    out: dict[str, Any] = {"file": name, "rows": len(y), "task": task.name}
+    out: dict[str, Any] = {"file": name, "rows": len(y), "task": task.name, "metric": task.headline}
     if merged is not None:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # length-sorted batches: little padding
+        order = sorted(range(len(texts)), key=lambda i: input_chars(texts[i]))  # length-sorted batches: little padding
         logits = np.zeros((len(texts), n_labels), dtype=np.float32)
         for b in range(0, len(order), 64):
             idx = order[b : b + 64]
@@ -91,14 +99,14 @@ def measure_file(onnx_dir: Path, data: tuple[list[str], np.ndarray], name: str, 
         out["merged"] = headline_metrics(task, y, task.probs(logits))
     for variant in ("fp32", "int8"):
         out[f"onnx_{variant}"] = headline_metrics(task, y, onnx_proba(onnx_dir, variant, texts, threads))
-    out["int8_drop_points"] = 100 * (out["onnx_fp32"]["accuracy"] - out["onnx_int8"]["accuracy"])
+    out["int8_drop_points"] = 100 * (out["onnx_fp32"][task.headline] - out["onnx_int8"][task.headline])
     if task.multi:
         for k in ("f1_macro", "f1_micro"):
             out[f"int8_{k}_drop_points"] = 100 * (out["onnx_fp32"][k] - out["onnx_int8"][k])
     return out
 
 
-def validation_gate(onnx_dir: Path, data: tuple[list[str], np.ndarray], args: argparse.Namespace, method: str) -> tuple[str, dict[str, Any]]:
+def validation_gate(onnx_dir: Path, data: tuple[list[Any], np.ndarray], args: argparse.Namespace, method: str) -> tuple[str, dict[str, Any]]:
     """One given int8 method (not the search): int8 is the default if it keeps the validation headline metric
     (accuracy; multi-label: macro F1 at the model's thresholds)."""
     from serve_cli.runtime import model_task
@@ -114,7 +122,7 @@ def validation_gate(onnx_dir: Path, data: tuple[list[str], np.ndarray], args: ar
     return ("int8" if ok else "fp32"), gate
 
 
-def agreement_gate(onnx_dir: Path, texts: list[str], args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+def agreement_gate(onnx_dir: Path, texts: list[Any], args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     fp32 = onnx_logits(onnx_dir, "fp32", texts, args.threads)
     int8 = onnx_logits(onnx_dir, "int8", texts, args.threads)
     agree = float((fp32.argmax(-1) == int8.argmax(-1)).mean())

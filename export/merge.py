@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from export.common import META, ExportError, torch_logits
-from loraship.task import PROBLEM_TYPES, SINGLE, THRESHOLDS_KEY
+from loraship.task import INPUTS_KEY, PROBLEM_TYPES, SINGLE, TARGET_KEY, THRESHOLDS_KEY
 
 
 def read_adapter(adapter_dir: Path) -> dict[str, Any]:
@@ -32,14 +33,17 @@ def read_adapter(adapter_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def generated_texts(tokenizer_dir: Path, n: int = 48, seed: int = 0, trust_remote_code: bool = False) -> list[str]:
+def generated_texts(tokenizer_dir: Path, n: int = 48, seed: int = 0, trust_remote_code: bool = False,
+                    pair: bool = False) -> list[Any]:
     """Texts of whole vocabulary words, short to past max_length, for parity checks when the adapter
-    carries no sample texts and no eval file is given: parity is about arithmetic, not about meaning."""
+    carries no sample texts and no eval file is given: parity is about arithmetic, not about meaning.
+    `pair`: (text, text) pairs, each side of its own length, so truncation cuts either side."""
     from transformers import AutoTokenizer
 
     vocab = sorted(w for w in AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code).get_vocab() if w.isalpha() and w.isascii())
     rng = random.Random(seed)
-    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 200))) for _ in range(n)]
+    texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 200))) for _ in range(n + 1)]
+    return list(itertools.pairwise(texts)) if pair else texts[:n]
 
 
 def check_safetensors(path: Path) -> None:
@@ -108,6 +112,9 @@ def merge(adapter_dir: Path, meta: dict[str, Any], base_model: str, out_dir: Pat
     merged.config.label2id = {n: i for i, n in enumerate(labels)}
     if meta.get("thresholds"):  # multi-label decisions, chosen on validation: serving reads them from config.json
         setattr(merged.config, THRESHOLDS_KEY, meta["thresholds"])
+    if meta.get("target"):  # regression: the scale that turns the model's output into the data's units
+        setattr(merged.config, TARGET_KEY, meta["target"])
+    setattr(merged.config, INPUTS_KEY, {"text": meta.get("text_field", "text"), "text_pair": meta.get("text_pair_field") or None})
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return {"rows": len(texts), "max_abs_diff": diff}

@@ -44,7 +44,8 @@ from export.merge import generated_texts, merge, read_adapter
 from export.quantize import QUANTIZATION_METHODS, auto_quantization, quantize
 from loraship.fsutil import OutputError, RunDirLock, atomic_dir, temp_dir_beside
 from loraship.quiet import quiet_third_party
-from loraship.task import MULTI
+from loraship.rows import as_input
+from loraship.task import SINGLE
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-merged", action="store_true", help="also measure the merged PyTorch model on --eval-file (slow)")
     p.add_argument("--text-field", help="text field of --eval-file (default: the training one)")
     p.add_argument("--label-field", help="label field of --eval-file (default: the training one)")
+    p.add_argument("--text-pair-field", help="second text field of --eval-file for a pair model (default: the training one)")
     p.add_argument("--validation-file", type=Path, help="labeled rows that choose the int8 method and the default variant "
                    f"(default: RUN/{VALIDATION_FILE}, the trainer's validation split)")
     p.add_argument("--calibration-file", type=Path, help=f"texts for int8 calibration and sensitivity (default: RUN/{CALIBRATION_FILE})")
@@ -105,12 +107,14 @@ def export_onnx(merged_dir: Path, out_dir: Path, opset: int, trust_remote_code: 
     )
 
 
-def validate_onnx(onnx_dir: Path, variant: str, merged: Any, tokenizer: Any, texts: list[str], max_length: int, threads: int) -> dict[str, Any]:
-    """ORT vs PyTorch logits at batch sizes 1 and 8, at a short and the full max_length, padding in the batch."""
+def validate_onnx(onnx_dir: Path, variant: str, merged: Any, tokenizer: Any, texts: list[Any], max_length: int, threads: int) -> dict[str, Any]:
+    """ORT vs PyTorch logits at batch sizes 1 and 8, at a short and the full max_length, padding in the batch
+    (pairs: both sides truncated longest-first at the short length)."""
+    from loraship.rows import input_chars
     from serve_cli.runtime import OnnxClassifier
 
     results = []
-    ordered = sorted(texts, key=len)
+    ordered = sorted(texts, key=input_chars)
     batch8 = [ordered[i * len(ordered) // 8] for i in range(8)] if len(ordered) >= 8 else (ordered * 8)[:8]
     for length in sorted({min(16, max_length), max_length}):
         clf = OnnxClassifier(onnx_dir, variant=variant, threads=threads or None, max_length=length)
@@ -126,7 +130,7 @@ def validate_onnx(onnx_dir: Path, variant: str, merged: Any, tokenizer: Any, tex
     return {"cases": results, "max_abs_diff": max(r["max_abs_diff"] for r in results), "min_argmax_agree": min(r["argmax_agree"] for r in results)}
 
 
-def fingerprint(adapter_dir: Path, base_model: str, method: str, fields: tuple[str, str], selection: tuple[Path | None, Path | None],
+def fingerprint(adapter_dir: Path, base_model: str, method: str, fields: tuple[str, str, str | None], selection: tuple[Path | None, Path | None],
                 args: argparse.Namespace) -> dict[str, Any]:
     """Everything that changes what the export writes: a rerun with any of it changed must rebuild."""
     meta = adapter_dir / META
@@ -139,7 +143,7 @@ def fingerprint(adapter_dir: Path, base_model: str, method: str, fields: tuple[s
         "atol": args.atol,
         "quantization": method,
         "eval_file": {"name": args.eval_file.name, "sha256": sha256(args.eval_file), "text_field": fields[0],
-                      "label_field": fields[1]} if args.eval_file else None,
+                      "label_field": fields[1], "text_pair_field": fields[2]} if args.eval_file else None,
         "max_int8_drop": args.max_int8_drop,
         "eval_merged": args.eval_merged,
         "int8_keep": args.int8_keep,
@@ -199,7 +203,8 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
     selection = selection_files(args)
     method = "search" if args.quantization == "auto" and selection[0] else (
         auto_quantization() if args.quantization == "auto" else args.quantization)
-    fields = (args.text_field or meta.get("text_field", "text"), args.label_field or meta.get("label_field", "label"))
+    fields = (args.text_field or meta.get("text_field", "text"), args.label_field or meta.get("label_field", "label"),
+              args.text_pair_field or meta.get("text_pair_field") or None)
     fp = fingerprint(adapter_dir, base_model, method, fields, selection, args)
     if onnx_dir.exists() and not args.force:
         old = json.loads((onnx_dir / REPORT).read_text()) if (onnx_dir / REPORT).is_file() else {}
@@ -208,8 +213,8 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
             return 0
         raise ExportError(f"{onnx_dir}: exists and was built from other inputs; pass --force to replace it or choose --output")
 
-    multi = meta.get("task") == MULTI
-    eval_data = load_eval_file(args.eval_file, *fields, meta["labels"], multi) if args.eval_file else None
+    task = meta.get("task", SINGLE)
+    eval_data = load_eval_file(args.eval_file, fields[0], fields[1], meta["labels"], task, fields[2]) if args.eval_file else None
     texts, texts_from = parity_texts(meta, eval_data, adapter_dir, args.trust_remote_code)
     report: dict[str, Any] = {"inputs": fp, "source": {"adapter": adapter_dir.name, "run": args.run.name if args.run else None},
                               "parity_texts": {"from": texts_from, "rows": len(texts)}}
@@ -239,7 +244,7 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
             report["eval_file"]["seconds"] = phases["eval_file"] = time.perf_counter() - t0
             ev = report["eval_file"]
             print(f"{args.eval_file.name} ({ev['rows']} rows, reported, not used to choose): "
-                  + ", ".join(f"{k} acc {ev[k]['accuracy']:.4f}" for k in ("merged", "onnx_fp32", "onnx_int8") if k in ev))
+                  + ", ".join(f"{k} {ev['metric']} {ev[k][ev['metric']]:.4f}" for k in ("merged", "onnx_fp32", "onnx_int8") if k in ev))
         report["variants"] = {
             v: {"file": f, "bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)}
             for v, f in (("fp32", "model.onnx"), ("int8", INT8_FILE))
@@ -250,6 +255,9 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
         report["task"] = meta.get("task", "single_label")
         if meta.get("thresholds"):
             report["thresholds"] = meta["thresholds"]
+        if meta.get("target"):
+            report["target"] = meta["target"]
+        report["input_fields"] = {"text": meta.get("text_field", "text"), "text_pair": meta.get("text_pair_field") or None}
         report["training_config"] = meta.get("config")
         report["total_seconds"] = time.perf_counter() - start
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
@@ -259,14 +267,16 @@ def run(args: argparse.Namespace, adapter_dir: Path, merged_dir: Path, onnx_dir:
     return 0
 
 
-def parity_texts(meta: dict[str, Any], eval_data: tuple[list[str], np.ndarray] | None, adapter_dir: Path,
-                 trust_remote_code: bool) -> tuple[list[str], str]:
-    """Texts for the parity checks: the adapter's samples, else eval-file rows, else generated texts."""
+def parity_texts(meta: dict[str, Any], eval_data: tuple[list[Any], np.ndarray] | None, adapter_dir: Path,
+                 trust_remote_code: bool) -> tuple[list[Any], str]:
+    """Inputs for the parity checks: the adapter's samples, else eval-file rows, else generated texts (pairs
+    for a pair model)."""
     if len(meta["sample_texts"]) >= 2:
-        return list(meta["sample_texts"]), "adapter sample texts"
+        return [as_input(x) for x in meta["sample_texts"]], "adapter sample texts"
     if eval_data is not None and len(eval_data[0]) >= 2:
         return eval_data[0][:32], "eval file"
-    return generated_texts(adapter_dir, trust_remote_code=trust_remote_code), "generated from the vocabulary (the adapter carries no texts)"
+    return (generated_texts(adapter_dir, trust_remote_code=trust_remote_code, pair=bool(meta.get("text_pair_field"))),
+            "generated from the vocabulary (the adapter carries no texts)")
 
 
 def merge_phase(args: argparse.Namespace, adapter_dir: Path, meta: dict[str, Any], base_model: str, merged_dir: Path,
@@ -323,12 +333,12 @@ def int8_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any,
                selection: tuple[Path | None, Path | None], report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Build model_quantized.onnx and decide the default variant (on validation rows where there are some)."""
     t0 = time.perf_counter()
-    validation = load_eval_file(selection[0], "text", "label", meta["labels"], meta.get("task") == MULTI) if selection[0] else None
+    pair_field = "text_pair" if meta.get("text_pair_field") else None  # the trainer's selection files name them so
+    validation = load_eval_file(selection[0], "text", "label", meta["labels"], meta.get("task", SINGLE), pair_field) if selection[0] else None
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "asimd")))
     if method == "search":
         assert validation is not None
-        calibration = [json.loads(x)["text"] for x in selection[1].read_text(encoding="utf-8").splitlines() if x.strip()] \
-            if selection[1] else validation[0][:256]
+        calibration = calibration_inputs(selection[1], pair_field) if selection[1] else validation[0][:256]
         found = search(tmp, validation, calibration, args.max_int8_drop, args.threads, args.int8_keep, args.int8_try_all,
                        methods=("static",) if args.int8_static_only else ("rowwise", "static", "dynamic"),
                        allow_batch_dependent=args.allow_batch_dependent)
@@ -350,6 +360,22 @@ def int8_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any,
     print(f"onnx int8 ({report['quantization']['method']}): max abs diff {report['parity_int8']['max_abs_diff']:.3f}, "
           f"argmax agreement >= {report['parity_int8']['min_argmax_agree']:.2f}")
     return default, gate
+
+
+def calibration_inputs(path: Path, pair_field: str | None) -> list[Any]:
+    """The calibration texts (unlabelled; pairs for a pair model) through the one reader."""
+    from loraship import rows as reader
+
+    try:
+        _, rows = reader.read(str(path), "auto", reader.Fields("text", text_pair=pair_field))
+        out = []
+        for row in rows:
+            if isinstance(row, reader.RowError):
+                raise ExportError(f"{row.where}: {row.message}")
+            out.append(row.input)
+    except reader.InputError as e:
+        raise ExportError(str(e)) from e
+    return out
 
 
 if __name__ == "__main__":

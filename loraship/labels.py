@@ -1,4 +1,5 @@
-"""The one label map (names <-> ids) that training, the export gate and evaluation share.
+"""The one label map (names <-> ids) that training, the export gate and evaluation share, and the one
+rule for regression targets (`number`).
 
 One rule for integer-looking values (a JSON integer, or a CSV cell such as `3`, are the same value):
 - A name always matches as written (surrounding spaces aside).
@@ -11,6 +12,7 @@ One rule for integer-looking values (a JSON integer, or a CSV cell such as `3`, 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -36,6 +38,24 @@ def is_integer(value: Any) -> bool:
     if isinstance(value, int):
         return True
     return isinstance(value, str) and _INT.fullmatch(value.strip()) is not None
+
+
+def number(raw: Any) -> float | None:
+    """A regression target: a finite JSON number or a numeric text cell (CSV `4.5`); None otherwise."""
+    if isinstance(raw, bool) or isinstance(raw, list):
+        return None
+    try:
+        value = float(raw.strip() if isinstance(raw, str) else raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def fractional(distinct: Iterable[Any]) -> bool:
+    """Every value is a number and one at least has a fraction (4.5): a regression target, not class ids."""
+    values = list(distinct)
+    numbers = [number(v) for v in values]
+    return bool(values) and all(x is not None for x in numbers) and any(x != int(x) for x in numbers if x is not None)
 
 
 class LabelMap:

@@ -1,5 +1,6 @@
-"""The one metrics module: classification metrics in numpy, the same definitions as scikit-learn (which the
-serving path does not import), for training, the export gate and serve_cli eval alike."""
+"""The one metrics module: classification and regression metrics in numpy, the same definitions as
+scikit-learn and scipy (which the serving path does not import), for training, the export gate and serve_cli
+eval alike."""
 
 from __future__ import annotations
 
@@ -146,3 +147,41 @@ def choose_thresholds(y_true: np.ndarray, probs: np.ndarray, labels: list[str], 
 
 def threshold_vector(thresholds: dict[str, Any], labels: list[str]) -> np.ndarray:
     return np.array([thresholds["per_label"].get(n, thresholds["global"]) for n in labels], dtype=np.float64)
+
+
+# --- regression ---------------------------------------------------------------------------------------------
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's correlation (scipy.stats.pearsonr's statistic); 0 when either side is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    da, db = a - a.mean(), b - b.mean()
+    denom = float(np.sqrt((da * da).sum() * (db * db).sum()))
+    return float((da * db).sum() / denom) if denom > 0 else 0.0
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1 with ties given their mean rank (scipy.stats.rankdata's 'average')."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x), dtype=np.float64)
+    for s, e in zip(starts, ends, strict=True):
+        ranks[order[s:e]] = (s + e + 1) / 2
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (scipy.stats.spearmanr's statistic)."""
+    return pearson(average_ranks(a), average_ranks(b))
+
+
+def regression_report(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
+    """Pearson, Spearman, MSE, RMSE, MAE (in the target's units) and the rows they cover."""
+    y, p = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    err = p - y
+    mse = float((err * err).mean()) if len(y) else 0.0
+    return {"rows": len(y), "pearson": pearson(y, p) if len(y) > 1 else 0.0, "spearman": spearman(y, p) if len(y) > 1 else 0.0,
+            "mse": mse, "rmse": float(np.sqrt(mse)), "mae": float(np.abs(err).mean()) if len(y) else 0.0}

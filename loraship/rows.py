@@ -55,6 +55,7 @@ class Fields:
     id: str | None = None
     label_separator: str | None = None
     label_fields: tuple[str, ...] = ()
+    text_pair: str | None = None  # the second text of a sentence pair (None: rows are single texts)
 
     @property
     def reads_labels(self) -> bool:
@@ -62,8 +63,33 @@ class Fields:
 
     def columns(self) -> list[str]:
         """The columns a file must have."""
-        named = [self.text, self.id] + ([*self.label_fields] if self.label_fields else [self.label])
+        named = [self.text, self.text_pair, self.id] + ([*self.label_fields] if self.label_fields else [self.label])
         return list(dict.fromkeys(c for c in named if c))
+
+
+Input = str | tuple[str, str]  # what a model reads: a text, or a pair (text, text_pair)
+
+
+def as_input(value: Any) -> Input:
+    """A text, or a pair from a 2-item list/tuple (JSON has no tuples: stored pairs come back as lists)."""
+    return (str(value[0]), str(value[1])) if isinstance(value, (list, tuple)) else value
+
+
+def split_pairs(inputs: list[Input]) -> tuple[list[str], list[str] | None]:
+    """(first texts, second texts or None): the two arguments a Hugging Face tokenizer takes for pairs."""
+    if inputs and isinstance(inputs[0], tuple):
+        return [x[0] for x in inputs], [x[1] for x in inputs]  # type: ignore[index]
+    return list(inputs), None  # type: ignore[arg-type]
+
+
+def input_record(x: Input) -> dict[str, str]:
+    """{"text": ...} or {"text": ..., "text_pair": ...}: an input as output files write it."""
+    return {"text": x} if isinstance(x, str) else {"text": x[0], "text_pair": x[1]}
+
+
+def input_chars(x: Input) -> int:
+    """Characters of a text or of both sides of a pair (length ordering without tokenizing)."""
+    return len(x) if isinstance(x, str) else len(x[0]) + len(x[1])
 
 
 def where(file: str, n: int, unit: str) -> str:
@@ -79,10 +105,16 @@ class Row:
     label: Any = None  # str or int as read (None when not read)
     id: Any = None  # the id field's value (None when not read)
     unit: str = "line"
+    text_pair: str | None = None  # the second text of a pair (Fields.text_pair)
 
     @property
     def where(self) -> str:
         return where(self.file, self.line, self.unit)
+
+    @property
+    def input(self) -> str | tuple[str, str]:
+        """What the model reads: the text, or (text, text_pair) for a pair."""
+        return self.text if self.text_pair is None else (self.text, self.text_pair)
 
 
 @dataclass
@@ -112,8 +144,9 @@ def _flag(value: Any) -> bool | None:
 
 
 def _label_problem(label: Any, name: str) -> str | None:
-    if isinstance(label, bool) or not isinstance(label, (str, int)):
-        return f"field {name!r} must be a string or an integer, got {label!r}"
+    # Floats pass here: a regression target is a number; a classifier's label map rejects one it does not know.
+    if isinstance(label, bool) or not isinstance(label, (str, int, float)):
+        return f"field {name!r} must be a string or a number, got {label!r}"
     if isinstance(label, str) and not label.strip():
         return f"field {name!r} is empty"
     return None
@@ -157,13 +190,16 @@ def _missing(rec: dict[str, Any], name: str) -> str:
 
 def check_record(rec: dict[str, Any], fields: Fields) -> str | None:
     """None when the record has what `fields` asks for, else the problem (the same words in every stage)."""
-    text = rec.get(fields.text)
-    if text is None:
-        return _missing(rec, fields.text)
-    if not isinstance(text, str):
-        return f"field {fields.text!r} must be a string, got {type(text).__name__}"
-    if not text.strip():
-        return f"field {fields.text!r} is empty"
+    for name in (fields.text, fields.text_pair):
+        if name is None:
+            continue
+        text = rec.get(name)
+        if text is None:
+            return _missing(rec, name)
+        if not isinstance(text, str):
+            return f"field {name!r} must be a string, got {type(text).__name__}"
+        if not text.strip():
+            return f"field {name!r} is empty"
     if fields.id and rec.get(fields.id) is None:
         return _missing(rec, fields.id)
     return None
@@ -177,7 +213,8 @@ def make_row(rec: dict[str, Any], fields: Fields, file: str, n: int, unit: str) 
         label, problem = read_label(rec, fields)
     if problem:
         return RowError(file, n, problem, unit)
-    return Row(file, n, rec[fields.text], label, rec[fields.id] if fields.id else None, unit)
+    return Row(file, n, rec[fields.text], label, rec[fields.id] if fields.id else None, unit,
+               rec[fields.text_pair] if fields.text_pair else None)
 
 
 # --- formats -------------------------------------------------------------------------------------------
@@ -247,6 +284,9 @@ def _json_array(data: bytes, name: str, fields: Fields) -> Iterator[Row | RowErr
 def _txt(lines: Iterable[bytes], name: str, fields: Fields) -> Iterator[Row | RowError]:
     if fields.reads_labels:
         raise InputError(f"{name}: plain text has no labels; use JSONL, CSV or Parquet with a {fields.label!r} field")
+    if fields.text_pair:
+        raise InputError(f"{name}: plain text holds one text per line; give pairs as JSONL, CSV or Parquet with "
+                         f"{fields.text!r} and {fields.text_pair!r} fields")
     for lineno, raw in enumerate(lines, start=1):
         line, err = _decode(raw, lineno)
         if err:

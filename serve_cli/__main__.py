@@ -44,7 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sp.add_argument("--model", required=True, help="ONNX dir written by python -m export.to_onnx")
         sp.add_argument("--input", required=True, help="input file, or - for stdin")
         sp.add_argument("--format", choices=FORMATS, default="auto", help="input format (auto: by extension)")
-        sp.add_argument("--text-field", default="text", help="field/column holding the text")
+        sp.add_argument("--text-field", help="field/column holding the text (default: text; a pair model: the first "
+                        "text field it was trained on)")
+        sp.add_argument("--text-pair-field", help="pair models: field/column holding the second text (default: the "
+                        "one the model was trained on)")
         sp.add_argument("--variant", choices=sorted(VARIANT_FILES), help="model variant (default: the export's default)")
         sp.add_argument("--batch-size", type=positive, default=DEFAULT_BATCH_SIZE,
                         help="rows per ONNX run (int8 results depend slightly on batching: activation scales are per batch)")
@@ -78,7 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     ev = sub.add_parser("eval", help="accuracy, F1, per-class report and confusion matrix on a labeled file")
     common(ev)
-    ev.add_argument("--label-field", default="label")
+    ev.add_argument("--label-field", help="field holding the label or target (default: label; a regression model: "
+                    "the target field it was trained on)")
     ev.add_argument("--label-separator", help="multi-label labels in one cell, split at this string (e.g. ';')")
     ev.add_argument("--label-fields", nargs="+", metavar="COLUMN", help="multi-label labels as one 0/1 column per label")
     ev.add_argument("--threshold", type=float, help="multi-label models: one decision threshold for every label "

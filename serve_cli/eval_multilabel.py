@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from loraship.rows import input_record
 from loraship.task import Task
 
 SUMMARY = ("f1_micro", "f1_macro", "f1_weighted", "f1_samples", "accuracy", "hamming_loss", "jaccard_samples")
@@ -25,7 +26,7 @@ def write_report(tmp: Path, task: Task, texts: list[str], y: np.ndarray, results
     with (tmp / "predictions.jsonl").open("w", encoding="utf-8") as f:
         for text, t, p in zip(texts, y, probs, strict=True):
             row = task.row_output(p, len(task.labels), args.threshold)  # the labels and scores predict writes
-            f.write(json.dumps({"text": text, "true": [n for n, on in zip(task.labels, t, strict=True) if on],
+            f.write(json.dumps({**input_record(text), "true": [n for n, on in zip(task.labels, t, strict=True) if on],
                                 "pred": row["labels"], "scores": row["scores"]}, ensure_ascii=False) + "\n")
     plotted = plot_per_label_f1(main, tmp / "per_label_f1.png")
     (tmp / "report.md").write_text(markdown(main, compare, extra, args.input, plotted, cut))

@@ -1,6 +1,7 @@
 """`serve_cli eval`: metrics, per-label (or per-class) report and plots of a model on a labelled file.
 
-Single-label: accuracy, F1, per-class table and confusion matrix; multi-label: see eval_multilabel.py.
+Single-label: accuracy, F1, per-class table and confusion matrix; multi-label: see eval_multilabel.py;
+regression: see eval_regression.py.
 matplotlib is imported for the plots only, `evaluate` only for --metric (it runs the metric's code, and
 needs --allow-metric-code).
 """
@@ -18,10 +19,11 @@ import numpy as np
 
 from loraship import rows as reader
 from loraship.fsutil import atomic_dir, check_not_locked, check_replaceable
-from loraship.labels import LabelMap, UnknownLabel
-from loraship.rows import InputError, RowError
+from loraship.labels import LabelMap, UnknownLabel, number
+from loraship.rows import InputError, RowError, input_record
+from loraship.task import Task
 from serve_cli.io import AtomicOutput, RowFailure, error_record, fail_fast
-from serve_cli.runtime import VARIANT_FILES, OnnxClassifier, proba_in_order
+from serve_cli.runtime import VARIANT_FILES, OnnxClassifier, input_fields, proba_in_order
 
 
 def parse_model_spec(spec: str) -> tuple[str, str | None]:
@@ -33,7 +35,7 @@ def parse_model_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def evaluate_model(clf: OnnxClassifier, texts: list[str], y: np.ndarray, batch_size: int, threshold: float | None = None) -> dict[str, Any]:
+def evaluate_model(clf: OnnxClassifier, texts: list[Any], y: np.ndarray, batch_size: int, threshold: float | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     probs = proba_in_order(clf, texts, batch_size)
     seconds = time.perf_counter() - t0
@@ -118,13 +120,16 @@ def load_metric(name: str) -> Any:
                          "or the path of a local metric script") from e
 
 
-def read_labeled(args: argparse.Namespace, labels: list[str], multi: bool = False) -> tuple[list[str], list[Any], list[dict[str, Any]], int]:
-    """(texts, label ids (multi-label: 0/1 rows), bad rows, rows with unknown labels) of the eval input."""
-    label_map = LabelMap(labels)
-    fields = reader.Fields(args.text_field, None if args.label_fields else args.label_field,
-                           label_separator=args.label_separator, label_fields=tuple(args.label_fields or ()))
+def read_labeled(args: argparse.Namespace, task: Task) -> tuple[list[Any], list[Any], list[dict[str, Any]], int]:
+    """(inputs, targets: label ids, 0/1 rows (multi-label) or numbers (regression), bad rows, rows with
+    unknown labels) of the eval input. A regression target that is not a number is a bad row."""
+    label_map = LabelMap(task.labels)
+    text_field, pair_field = input_fields(task, args.text_field, args.text_pair_field)
+    label_field = args.label_field or (task.target["name"] if task.regression and task.target else "label")
+    fields = reader.Fields(text_field, None if args.label_fields else label_field, label_separator=args.label_separator,
+                           label_fields=tuple(args.label_fields or ()), text_pair=pair_field)
     _, rows_iter = reader.read(args.input, args.format, fields)
-    texts: list[str] = []
+    texts: list[Any] = []
     y: list[Any] = []
     errors: list[dict[str, Any]] = []
     unknown = 0
@@ -134,14 +139,25 @@ def read_labeled(args: argparse.Namespace, labels: list[str], multi: bool = Fals
             if not args.quiet and args.on_error == "skip":
                 print(f"{item.where}: {item.message}", file=sys.stderr)
             continue
+        if task.regression:
+            value = number(item.label)
+            if value is None:
+                bad = RowError(item.file, item.line, f"field {label_field!r} must be a number (a regression target), got {item.label!r}", item.unit)
+                if args.on_error in (None, "fail"):
+                    raise RowFailure(f"{bad.where}: {bad.message}")
+                errors.append(error_record(bad))
+                continue
+            y.append(value)
+            texts.append(item.input)
+            continue
         try:
-            y.append(label_map.target(item.label, multi))
+            y.append(label_map.target(item.label, task.multi))
         except UnknownLabel as e:
             if args.unknown_labels == "error":
                 raise RowFailure(str(label_map.unknown(item.where, e.value, "--unknown-labels count leaves such rows out"))) from e
             unknown += 1
             continue
-        texts.append(item.text)
+        texts.append(item.input)
     if not texts:
         raise InputError(f"{args.input}: no labeled rows to evaluate")
     return texts, y, errors, unknown
@@ -171,7 +187,7 @@ def run_eval(args: argparse.Namespace, report_dir: Path, errors_out: AtomicOutpu
         if m.labels != labels:
             raise InputError(f"{m.model_dir}: labels {m.labels} differ from {labels}; compare models of one label set")
     task = models[0].task
-    texts, y, errors, unknown = read_labeled(args, labels, task.multi)
+    texts, y, errors, unknown = read_labeled(args, task)
     y_arr = np.array(y)
 
     results = [evaluate_model(m, texts, y_arr, args.batch_size, args.threshold) for m in models]
@@ -186,6 +202,10 @@ def run_eval(args: argparse.Namespace, report_dir: Path, errors_out: AtomicOutpu
             from serve_cli.eval_multilabel import write_report
 
             write_report(tmp, task, texts, y_arr, results, extra, args)
+        elif task.regression:
+            from serve_cli.eval_regression import write_report
+
+            write_report(tmp, texts, y_arr, results, extra, args)
         else:
             write_single_label_report(tmp, labels, texts, y_arr, results, extra, args, unknown)
         if args.on_error == "record":
@@ -199,7 +219,8 @@ def run_eval(args: argparse.Namespace, report_dir: Path, errors_out: AtomicOutpu
         for r in results:
             rep = r["report"]
             print(f"{rep['model']} ({rep['variant']}): " + (f"macro F1 {rep['f1_macro']:.4f}, micro F1 {rep['f1_micro']:.4f}"
-                  if task.multi else f"accuracy {rep['accuracy']:.4f}, weighted F1 {rep['f1_weighted']:.4f}, macro F1 {rep['f1_macro']:.4f}")
+                  if task.multi else f"Pearson {rep['pearson']:.4f}, Spearman {rep['spearman']:.4f}, MSE {rep['mse']:.4f}"
+                  if task.regression else f"accuracy {rep['accuracy']:.4f}, weighted F1 {rep['f1_weighted']:.4f}, macro F1 {rep['f1_macro']:.4f}")
                   + f", {rep['rows_per_second']:.0f} rows/s", file=sys.stderr)
         if errors:
             print(f"{len(errors)} bad rows" + (f": {args.errors_file or report_dir / 'errors.jsonl'}" if args.on_error == "record" else " skipped"), file=sys.stderr)
@@ -219,6 +240,6 @@ def write_single_label_report(tmp: Path, labels: list[str], texts: list[str], y_
     plotted = plot_confusion(np.array(main_result["confusion_matrix"]), labels, tmp / "confusion_matrix.png", title)
     with (tmp / "predictions.jsonl").open("w", encoding="utf-8") as f:
         for text, t, p in zip(texts, y_arr, results[0]["probs"], strict=True):
-            f.write(json.dumps({"text": text, "true": labels[t], "pred": labels[int(p.argmax())],
+            f.write(json.dumps({**input_record(text), "true": labels[t], "pred": labels[int(p.argmax())],
                                 "probs": {n: round(float(v), 6) for n, v in zip(labels, p, strict=True)}}, ensure_ascii=False) + "\n")
     (tmp / "report.md").write_text(markdown_report(main_result, table, extra, args.input, unknown, plotted))

@@ -5,7 +5,9 @@
 
 `POST /predict` takes and answers what Hugging Face text-embeddings-inference (TEI) does for sequence
 classifiers: `{"inputs": "text" | ["a", "b"], "raw_scores": false, "truncate": true}` -> every label with
-its score, best first (a list of such lists for a batch); `top_k` keeps only the best k. Errors are JSON
+its score, best first (a list of such lists for a batch); `top_k` keeps only the best k. A pair model takes
+TEI's pair shapes: `["text", "text_pair"]` is one pair, `[["a", "b"], ["c", "d"]]` a batch of pairs. A
+regression model answers `[{"score": value, "label": target name}]` (the value in the data's units). Errors are JSON
 `{"error", "error_type"}`: 413 payload or batch too large (or too long with truncate=false), 422 bad input,
 429 queue full (with Retry-After), 504 timeout. `GET /health`, `/ready`, `/info`, `/metrics` (Prometheus),
 `/docs` (OpenAPI), and a try-it page at `/`.
@@ -209,26 +211,53 @@ class Batcher:
         return out
 
 
-def parse_predict(body: bytes, limits: Limits) -> tuple[list[str], bool, bool, bool, int | None]:
-    """(texts, single, raw_scores, truncate, top_k) of a /predict body, or ApiError 413/422."""
+def _shape(inputs: Any, pair: bool) -> tuple[list[Any], bool]:
+    """(inputs as a list, single) for TEI's shapes. One-text models: "a" or ["a", "b", ...] (or [["a"], ["b"]]).
+    Pair models: ["a", "b"] is one pair, [["a", "b"], ...] a batch of pairs."""
+    if pair:
+        if isinstance(inputs, str):
+            raise ApiError(422, 'this model reads pairs of texts: send "inputs": ["text", "text_pair"] or a list of such pairs', "Validation")
+        if isinstance(inputs, list) and inputs and all(isinstance(x, str) for x in inputs):
+            if len(inputs) != 2:
+                raise ApiError(422, f'a pair is two texts, ["text", "text_pair"]; got {len(inputs)}', "Validation")
+            return [tuple(inputs)], True
+        items = inputs if isinstance(inputs, list) else None
+        if items is None or not items:
+            raise ApiError(422, '"inputs" must be a pair ["a", "b"] or a non-empty list of pairs', "Empty" if items == [] else "Validation")
+        for i, x in enumerate(items):
+            if not (isinstance(x, list) and len(x) == 2):
+                raise ApiError(422, f'inputs[{i}] must be a pair ["text", "text_pair"]', "Validation")
+        return [tuple(x) for x in items], False
+    if isinstance(inputs, str):
+        return [inputs], True
+    if isinstance(inputs, list) and inputs and all(isinstance(x, list) for x in inputs):
+        if any(len(x) == 2 for x in inputs):
+            raise ApiError(422, "this model reads one text per input, not pairs", "Validation")
+        return [x[0] if len(x) == 1 else x for x in inputs], False  # TEI's [["a"], ["b"]]
+    if not isinstance(inputs, list) or not inputs:
+        raise ApiError(422, '"inputs" must be a non-empty string or a non-empty list of strings', "Empty" if inputs == [] else "Validation")
+    return inputs, False
+
+
+def parse_predict(body: bytes, limits: Limits, pair: bool = False) -> tuple[list[Any], bool, bool, bool, int | None]:
+    """(texts or pairs, single, raw_scores, truncate, top_k) of a /predict body, or ApiError 413/422."""
     try:
         req = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(422, f"body is not valid JSON: {e}", "Validation") from None
     if not isinstance(req, dict) or "inputs" not in req:
-        raise ApiError(422, 'expected a JSON object with "inputs": a string or a list of strings', "Validation")
-    inputs = req["inputs"]
-    single = isinstance(inputs, str)
-    texts = [inputs] if single else inputs
-    if not isinstance(texts, list) or not texts:
-        raise ApiError(422, '"inputs" must be a non-empty string or a non-empty list of strings', "Empty" if texts == [] else "Validation")
+        raise ApiError(422, 'expected a JSON object with "inputs": ' + ('a pair ["a", "b"] or a list of pairs' if pair
+                       else "a string or a list of strings"), "Validation")
+    texts, single = _shape(req["inputs"], pair)
     if len(texts) > limits.max_client_batch_size:
         raise ApiError(413, f"{len(texts)} inputs in one request; the limit is {limits.max_client_batch_size}", "Validation")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise ApiError(422, f"inputs[{i}] must be a string, got {type(t).__name__}", "Validation")
-        if not t.strip():
-            raise ApiError(422, f"inputs[{i}] is empty", "Empty")
+    for i, item in enumerate(texts):
+        for j, t in enumerate(item if isinstance(item, tuple) else (item,)):
+            at = f"inputs[{i}]" + (f"[{j}]" if isinstance(item, tuple) else "")
+            if not isinstance(t, str):
+                raise ApiError(422, f"{at} must be a string, got {type(t).__name__}", "Validation")
+            if not t.strip():
+                raise ApiError(422, f"{at} is empty", "Empty")
     flags = {}
     for name, default in (("raw_scores", False), ("truncate", True)):
         value = req.get(name, default)
@@ -314,7 +343,8 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
         state["batcher"] = batcher
         # The first ONNX run of each session allocates; users should not wait for it. Each worker's own
         # session, directly: through the batcher the warm-ups could all land in one batch on one worker.
-        await asyncio.gather(*(asyncio.to_thread(m.logits, ["warm up"]) for m in models))
+        warm = [("warm up", "warm up")] if clf.task.pair else ["warm up"]
+        await asyncio.gather(*(asyncio.to_thread(m.logits, warm) for m in models))
         state["ready"] = True
         log.info("ready: %s (%s), labels %s", clf.model_dir, clf.variant, clf.labels)
         yield
@@ -340,7 +370,7 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
             body += chunk
             if len(body) > limits.payload_limit:
                 raise ApiError(413, f"payload over {limits.payload_limit} bytes", "Validation")
-        texts, single, raw, truncate, top_k = parse_predict(bytes(body), limits)
+        texts, single, raw, truncate, top_k = parse_predict(bytes(body), limits, clf.task.pair)
         request.state.rows = len(texts)
         if log_texts:
             log.info("texts: %s", json.dumps(texts, ensure_ascii=False)[:2000])
@@ -364,6 +394,9 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
             # The dir's name only: where the server keeps its files is none of a client's business.
             "model": clf.model_dir.name, "labels": clf.labels, "variant": clf.variant, "task": clf.task.name,
             "thresholds": clf.task.thresholds,
+            # What /predict takes: one text per input, or pairs (and the fields the model was trained on)
+            "inputs": "pair" if clf.task.pair else "text", "input_fields": clf.task.inputs,
+            "target": clf.task.target,  # regression: the target's name and the training scale
             # fp32, or an int8 whose answer for a row never depends on its batch mates (row-wise, static)
             "batch_independent": clf.variant == "fp32" or int8_batch_independent(clf.report),
             "quantization": (clf.report.get("quantization") or {}).get("method") if clf.variant == "int8" else None,
@@ -388,8 +421,10 @@ PREDICT_SCHEMA = {
     "type": "object",
     "required": ["inputs"],
     "properties": {
-        "inputs": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
-                   "description": "a text, or a list of texts (answered with a list of lists)"},
+        "inputs": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                             {"type": "array", "items": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 2}}],
+                   "description": "a text, or a list of texts (answered with a list of lists); pair models: a pair "
+                   '["text", "text_pair"], or a list of pairs'},
         "raw_scores": {"type": "boolean", "default": False, "description": "logits instead of probabilities"},
         "truncate": {"type": "boolean", "default": True, "description": "false: inputs over max_length tokens get 413"},
         "top_k": {"type": ["integer", "null"], "default": None, "description": "only the k best labels"},

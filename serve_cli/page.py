@@ -1,5 +1,6 @@
 """The try-it page served at `/`: plain HTML + JS, no build step. `?text=...&autorun=1` fills the box and
-submits it (links to an example, and the browser test)."""
+submits it (links to an example, and the browser test); `&text_pair=...` fills the second box of a pair
+model, which /info announces (`"inputs": "pair"`). A regression model shows its score."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -23,6 +24,7 @@ PAGE = """<!doctype html>
 <h1>Try the model</h1>
 <form id="form">
   <textarea id="text" placeholder="Type a text to classify"></textarea>
+  <textarea id="text-pair" placeholder="Second text of the pair" hidden></textarea>
   <button type="submit">Classify</button>
 </form>
 <p><span id="top-what">Top label</span>: <strong id="top-label">-</strong></p>
@@ -30,7 +32,8 @@ PAGE = """<!doctype html>
 <p id="error"></p>
 <div id="info"></div>
 <script>
-const form = document.getElementById("form"), text = document.getElementById("text");
+const form = document.getElementById("form"), text = document.getElementById("text"), pair = document.getElementById("text-pair");
+let pairModel = false, regression = false;
 async function classify(value) {
   document.getElementById("error").textContent = "";
   const r = await fetch("/predict", {method: "POST", headers: {"content-type": "application/json"},
@@ -39,6 +42,11 @@ async function classify(value) {
   if (!r.ok) { document.getElementById("error").textContent = body.error_type + ": " + body.error; return; }
   const bars = document.getElementById("bars");
   bars.innerHTML = "";
+  if (regression) {
+    document.getElementById("top-what").textContent = "Score (" + body[0].label + ")";
+    document.getElementById("top-label").textContent = body[0].score.toFixed(3);
+    return;
+  }
   for (const s of body) {
     const row = document.createElement("div"); row.className = "row";
     const name = document.createElement("span"); name.className = "name"; name.textContent = s.label;
@@ -51,16 +59,25 @@ async function classify(value) {
   document.getElementById("top-label").textContent =
     multi ? (body.filter(s => s.chosen).map(s => s.label).join(", ") || "(none above its threshold)") : body[0].label;
 }
-form.addEventListener("submit", (e) => { e.preventDefault(); if (text.value.trim()) classify(text.value); });
-fetch("/info").then(r => r.json()).then(i => {
+function submit() {
+  if (!text.value.trim()) return;
+  if (pairModel) { if (pair.value.trim()) classify([text.value, pair.value]); } else classify(text.value);
+}
+form.addEventListener("submit", (e) => { e.preventDefault(); submit(); });
+const params = new URLSearchParams(location.search);
+const info = fetch("/info").then(r => r.json()).then(i => {
+  pairModel = i.inputs === "pair"; regression = i.task === "regression";
+  pair.hidden = !pairModel;
+  if (pairModel) { text.placeholder = "First text (" + i.input_fields.text + ")"; pair.placeholder = "Second text (" + i.input_fields.text_pair + ")"; }
   document.getElementById("info").textContent =
     "model: " + i.model + " (" + i.task.replace("_", "-") + ")\\nvariant: " + i.variant + (i.quantization ? " (" + i.quantization + ")" : "") +
-    "\\nlabels: " + i.labels.join(", ") + "\\nmax length: " + i.max_length + " tokens\\nversion: " + i.version;
+    (pairModel ? "\\ninputs: pairs (" + i.input_fields.text + ", " + i.input_fields.text_pair + ")" : "") +
+    "\\n" + (regression ? "target: " : "labels: ") + i.labels.join(", ") + "\\nmax length: " + i.max_length + " tokens\\nversion: " + i.version;
 });
-const params = new URLSearchParams(location.search);
 if (params.get("text")) {
   text.value = params.get("text");
-  if (params.get("autorun")) form.requestSubmit();
+  pair.value = params.get("text_pair") || "";
+  if (params.get("autorun")) info.then(submit);  // after /info: the page must know whether the model reads pairs
 }
 </script>
 </body>

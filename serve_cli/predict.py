@@ -16,7 +16,7 @@ from typing import Any
 from loraship import rows as reader
 from loraship.rows import Row, RowError
 from serve_cli.io import AtomicOutput, error_record, fail_fast
-from serve_cli.runtime import ModelDirError, OnnxClassifier, predict_in_order
+from serve_cli.runtime import ModelDirError, OnnxClassifier, input_fields, predict_in_order
 
 
 class Progress:
@@ -39,19 +39,23 @@ class Progress:
             sys.stderr.write("\r\033[K")
 
 
-def row_text(item: Row | RowError) -> str | None:
-    return item.text if isinstance(item, Row) else None
+def row_text(item: Row | RowError) -> Any:
+    return item.input if isinstance(item, Row) else None
 
 
 def csv_header(task: Any, k: int) -> list[str]:
     """CSV/TSV columns: id, label, score, top-k pairs; multi-label: id, the labels on (joined by ';'), then
-    one probability column per label."""
+    one probability column per label; regression: id, score."""
+    if task.regression:
+        return ["id", "score"]
     if task.multi:
         return ["id", "labels", *(f"score_{n}" for n in task.labels)]
     return ["id", "label", "score"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "score")]
 
 
 def csv_row(rid: Any, row: dict[str, Any]) -> list[Any]:
+    if "label" not in row and "labels" not in row:  # regression
+        return [rid, row["score"]]
     if "labels" in row:
         return [rid, ";".join(row["labels"]), *row["scores"].values()]
     return [rid, row["label"], row["score"]] + [v for t in row["top_k"] for v in (t["label"], t["score"])]
@@ -95,7 +99,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     err_out = None
     try:
         err_out = AtomicOutput(errors_path, args.overwrite) if errors_path and errors_path != "-" else None
-        _, rows = reader.read(args.input, args.format, reader.Fields(args.text_field, id=args.id_field))
+        text_field, pair_field = input_fields(clf.task, args.text_field, args.text_pair_field)
+        _, rows = reader.read(args.input, args.format, reader.Fields(text_field, id=args.id_field, text_pair=pair_field))
         writer = None
         if out_fmt in ("csv", "tsv"):
             import csv

@@ -44,12 +44,13 @@ from serve_cli.runtime import (
     ModelDirError,
     OnnxClassifier,
     default_variant,
+    input_fields,
     predict_proba_sorted,
     read_model_dir,
 )
 
-ROWS_SCHEMA = [("file", "string"), ("row", "int64"), ("id", "string"), ("text", "string"), ("error", "string")]
-# Single-label rows fill label, score, top_k; multi-label rows labels and scores (JSON text, as serve_cli
+ROWS_SCHEMA = [("file", "string"), ("row", "int64"), ("id", "string"), ("text", "string"), ("text_pair", "string"), ("error", "string")]
+# Single-label rows fill label, score, top_k; regression rows score; multi-label rows labels and scores (JSON text, as serve_cli
 # predict writes them), so every output format has one type per column.
 OUT_SCHEMA = [("file", "string"), ("row", "int64"), ("id", "string"), ("label", "string"), ("score", "float64"),
               ("top_k", "string"), ("labels", "string"), ("scores", "string"), ("error", "string")]
@@ -133,8 +134,8 @@ def _table(columns: dict[str, list[Any]], schema: list[tuple[str, str]]) -> Any:
     return pa.table({name: pa.array(columns[name], type=getattr(pa, t)()) for name, t in schema})
 
 
-def _unit_rows(unit: dict[str, Any], fields: reader.Fields) -> Iterator[tuple[int, Any, str | None, str | None]]:
-    """(row number, id, text, error) of one unit, through the one reader (loraship.rows)."""
+def _unit_rows(unit: dict[str, Any], fields: reader.Fields) -> Iterator[tuple[int, Any, str | None, str | None, str | None]]:
+    """(row number, id, text, text_pair, error) of one unit, through the one reader (loraship.rows)."""
     fs, path = _filesystem(unit["uri"])
     try:
         parquet = unit["kind"] == "parquet"
@@ -143,25 +144,26 @@ def _unit_rows(unit: dict[str, Any], fields: reader.Fields) -> Iterator[tuple[in
             group = unit["group"] if unit["group"] >= 0 else None
             for item in reader.read_stream(f, unit["uri"], fmt, fields, group, unit["first"])[1]:
                 if isinstance(item, reader.RowError):
-                    yield item.line, None, None, item.message
+                    yield item.line, None, None, None, item.message
                 else:
-                    yield item.line, item.id, item.text, None
+                    yield item.line, item.id, item.text, item.text_pair, None
     except (OSError, ValueError) as e:
         # An unreadable file (no such column, not Parquet, I/O) is one error row naming the file.
-        yield 0, None, None, f"cannot read the rest of the file: {e}"
+        yield 0, None, None, None, f"cannot read the rest of the file: {e}"
 
 
-def read_unit(batch: Any, text_field: str, id_field: str | None) -> Iterator[Any]:
+def read_unit(batch: Any, text_field: str, id_field: str | None, text_pair_field: str | None = None) -> Iterator[Any]:
     """Ray Data UDF: the rows of each unit in `batch`, READ_ROWS at a time; a bad row becomes an error row
     with the same words as `serve_cli predict`."""
-    fields = reader.Fields(text_field, id=id_field)
+    fields = reader.Fields(text_field, id=id_field, text_pair=text_pair_field)
     for unit in batch.to_pylist():
-        out: dict[str, list[Any]] = {"file": [], "row": [], "id": [], "text": [], "error": []}
-        for n, rid, text, error in _unit_rows(unit, fields):
+        out: dict[str, list[Any]] = {"file": [], "row": [], "id": [], "text": [], "text_pair": [], "error": []}
+        for n, rid, text, pair, error in _unit_rows(unit, fields):
             out["file"].append(unit["uri"])
             out["row"].append(n)
             out["id"].append(str(rid) if rid is not None else f"{Path(unit['uri']).name}:{n}")
             out["text"].append(text)
+            out["text_pair"].append(pair)
             out["error"].append(error)
             if len(out["row"]) == READ_ROWS:
                 yield _table(out, ROWS_SCHEMA)
@@ -233,7 +235,8 @@ class Predictor:
         if self.crash_on and self.crash_on in (t or "" for t in cols["text"]):
             os._exit(137)  # fault drill: a batch that always kills its worker, as an out-of-memory kill does
         ok = [i for i, e in enumerate(cols["error"]) if e is None]
-        probs = predict_proba_sorted(self.clf, [cols["text"][i] for i in ok], self.batch_size)
+        inputs = [cols["text"][i] if cols["text_pair"][i] is None else (cols["text"][i], cols["text_pair"][i]) for i in ok]
+        probs = predict_proba_sorted(self.clf, inputs, self.batch_size)
         n = batch.num_rows
         cols.update({c: [None] * n for c in PREDICTION_COLUMNS})
         for i, p in zip(ok, probs, strict=True):
@@ -305,6 +308,8 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
     variant = args.variant or default_variant(model_dir, report)
     if not (model_dir / VARIANT_FILES[variant]).is_file():
         raise ModelDirError(f"{model_dir / VARIANT_FILES[variant]}: variant {variant} not in this export")
+    task = Task.from_config(config)
+    text_field, pair_field = input_fields(task, args.text_field, args.text_pair_field)
     units = read_units(list_inputs(args.input))
     blob, digest = pack_model(model_dir, variant)
     out = Path(args.output)
@@ -329,7 +334,7 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
             read = (
                 ray.data.from_items(units, override_num_blocks=len(units))
                 .map_batches(read_unit, batch_size=1, batch_format="pyarrow", num_cpus=0, max_retries=3,
-                             fn_kwargs={"text_field": args.text_field, "id_field": args.id_field})
+                             fn_kwargs={"text_field": text_field, "id_field": args.id_field, "text_pair_field": pair_field})
                 # Ray merges small outputs into big blocks; cut them back to one window each. Materialized
                 # before the actors start: they hold the CPUs these tasks need.
                 .repartition(target_num_rows_per_block=window)
@@ -356,7 +361,8 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
             lost = lost_rows(read, predicted)
             if lost is not None:
                 predicted = predicted.union(ray.data.from_arrow(lost))
-            unused = ["label", "score", "top_k"] if Task.from_config(config).multi else ["labels", "scores"]
+            unused = (["label", "score", "top_k"] if task.multi else ["label", "top_k", "labels", "scores"] if task.regression
+                      else ["labels", "scores"])
             ok = predicted.map_batches(_split, fn_kwargs={"errors": False, "unused": unused}, batch_format="pyarrow")
             bad = predicted.map_batches(_split, fn_kwargs={"errors": True, "unused": unused}, batch_format="pyarrow")
             n_in, n_ok, n_err = read.count(), ok.count(), bad.count()

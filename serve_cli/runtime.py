@@ -23,6 +23,7 @@ from loraship.task import Task
 
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_quantized.onnx"}
 CHARS_PER_TOKEN_CAP = 64  # characters kept per token of max_length before tokenizing
+MIN_CHARS_CAP = 16_384  # ... and never fewer characters than this per text (or per side of a pair)
 DEFAULT_BATCH_SIZE = 32  # rows per ONNX run in serve_cli predict/eval and the export gate
 WINDOW_BATCHES = 32  # rows are length-sorted within windows of this many batches: bounded memory
 
@@ -50,6 +51,18 @@ def read_model_dir(model_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], d
 def model_task(model_dir: str | os.PathLike[str]) -> Task:
     """The task of an export (from its config.json), without loading a session."""
     return Task.from_config(read_model_dir(model_dir)[0])
+
+
+def input_fields(task: Task, text_field: str | None, text_pair_field: str | None) -> tuple[str, str | None]:
+    """(text field, second text field or None) a file is read with: the given ones, else for a pair model the
+    fields it was trained on, else `text`. A second field for a one-text model, or none for a pair model, is
+    an error that says which the model reads."""
+    trained = task.inputs or {}
+    if task.pair:
+        return text_field or str(trained["text"]), text_pair_field or str(trained["text_pair"])
+    if text_pair_field:
+        raise ModelDirError(f"--text-pair-field {text_pair_field}: this model reads one text per row, not pairs")
+    return text_field or "text", None
 
 
 def int8_batch_independent(report: dict[str, Any]) -> bool:
@@ -115,13 +128,17 @@ class OnnxClassifier:
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def encode(self, texts: list[str]) -> list[Any]:
-        """Token encodings, truncated, unpadded: callers sort them by length before batching.
+    def encode(self, texts: list[Any]) -> list[Any]:
+        """Token encodings, truncated, unpadded: callers sort them by length before batching. An item is a
+        text or a (text, text_pair) pair, encoded as the tokenizer's pair ([CLS] a [SEP] b [SEP], type ids 0
+        then 1) and truncated longest-first, as transformers' tokenizer(a, b, truncation=True) does.
 
         A 1 MB line would cost seconds to tokenize only to be truncated: characters are capped well above
-        what max_length tokens can span (every path, files and HTTP alike, goes through here)."""
-        cap = self.max_length * CHARS_PER_TOKEN_CAP
-        return self.tokenizer.encode_batch([t[:cap] for t in texts])
+        what max_length tokens can span (every path, files and HTTP alike, goes through here). A pair whose
+        two sides both pass the cap may differ from the uncapped encoding by the one token longest-first gives
+        the longer side (the cap can change which side is longer); hence the floor of MIN_CHARS_CAP."""
+        cap = max(self.max_length * CHARS_PER_TOKEN_CAP, MIN_CHARS_CAP)
+        return self.tokenizer.encode_batch([t[:cap] if isinstance(t, str) else (t[0][:cap], t[1][:cap]) for t in texts])
 
     def run(self, encodings: list[Any]) -> np.ndarray:
         """Logits for one batch of encodings, padded to the batch's longest row."""
@@ -143,19 +160,19 @@ class OnnxClassifier:
         feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         return {k: v for k, v in feed.items() if k in self.input_names}
 
-    def logits(self, texts: list[str]) -> np.ndarray:
+    def logits(self, texts: list[Any]) -> np.ndarray:
         return self.run(self.encode(texts))
 
-    def predict_proba(self, texts: list[str]) -> np.ndarray:
+    def predict_proba(self, texts: list[Any]) -> np.ndarray:
         return self.task.probs(self.logits(texts))
 
 
-def predict_proba_sorted(clf: OnnxClassifier, texts: list[str], batch_size: int) -> np.ndarray:
+def predict_proba_sorted(clf: OnnxClassifier, texts: list[Any], batch_size: int) -> np.ndarray:
     """Probabilities in input order, computed in length-sorted batches (far less padding than file order)."""
     return clf.task.probs(logits_sorted(clf, texts, batch_size))
 
 
-def logits_sorted(clf: OnnxClassifier, texts: list[str], batch_size: int) -> np.ndarray:
+def logits_sorted(clf: OnnxClassifier, texts: list[Any], batch_size: int) -> np.ndarray:
     """Logits in input order, computed in length-sorted batches."""
     encs = clf.encode(texts)
     order = sorted(range(len(encs)), key=lambda k: len(encs[k].ids))
@@ -170,9 +187,10 @@ T = TypeVar("T")
 
 
 def predict_in_order(clf: OnnxClassifier, items: Iterable[T], batch_size: int,
-                     text: Callable[[T], str | None]) -> Iterator[tuple[T, np.ndarray | None]]:
+                     text: Callable[[T], Any]) -> Iterator[tuple[T, np.ndarray | None]]:
     """(item, probabilities) in input order; inside each window rows run in length order (less padding).
-    `text(item)` None: an item without a text (a bad row), passed through with None."""
+    `text(item)`: a text or a (text, text_pair) pair; None: an item without one (a bad row), passed through
+    with None."""
     buf: list[T] = []
 
     def flush() -> Iterator[tuple[T, np.ndarray | None]]:
@@ -193,7 +211,7 @@ def predict_in_order(clf: OnnxClassifier, items: Iterable[T], batch_size: int,
         yield from flush()
 
 
-def proba_in_order(clf: OnnxClassifier, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+def proba_in_order(clf: OnnxClassifier, texts: list[Any], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     """Probabilities exactly as `serve_cli predict/eval` makes them (its windows, batches and batch mates)."""
     if not texts:
         return np.zeros((0, len(clf.labels)), dtype=np.float32)

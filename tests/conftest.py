@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -205,3 +206,54 @@ def ml_exported(tiny_bert: Path, ml_data: Path, tmp_path_factory: pytest.TempPat
                                 "train.threshold_min_positives=10")) == 0
     assert export_main(["--run", str(run), "--eval-file", str(ml_data / "test.jsonl")]) == 0
     return run / "onnx"
+
+
+def make_pairs(n: int, seed: int) -> list[dict[str, Any]]:
+    """Sentence pairs in SICK's shape: two texts on one topic or on two; `judgment` says which (SAME/OTHER) and
+    `score` (1-5, with fractions) how related they are: only the pair read together tells either."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a = rng.choice(LABELS)
+        same = i % 2 == 0
+        b = a if same else rng.choice([x for x in LABELS if x != a])
+        sides = [" ".join([rng.choice(CLASS_WORDS[t]) for _ in range(rng.randint(2, 5))] + [rng.choice(COMMON) for _ in range(rng.randint(1, 4))])
+                 for t in (a, b)]
+        score = round((4.0 + rng.random()) if same else (1.0 + 1.5 * rng.random()), 2)
+        rows.append({"pair_id": str(i), "sentence_A": sides[0], "sentence_B": sides[1], "score": score, "judgment": "SAME" if same else "OTHER"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def pair_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Pair toy data (SICK's fields): train (240), validation (80), test (80)."""
+    d = tmp_path_factory.mktemp("pair-data")
+    for name, n, seed in (("train", 240, 21), ("validation", 80, 22), ("test", 80, 23)):
+        with (d / f"{name}.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in make_pairs(n, seed))
+    return d
+
+
+PAIR_ARGS = ("data.validation=validation.jsonl", "data.test=test.jsonl", "data.text_field=sentence_A",
+             "data.text_pair_field=sentence_B", "lora.init_std=0.02")
+
+
+def _pair_export(model: Path, data: Path, run: Path, *extra: str) -> Path:
+    from export.to_onnx import main as export_main
+    from trainer.train import main as train_main
+
+    assert train_main(tiny_args(model, data, run, *PAIR_ARGS, *extra)) == 0
+    assert export_main(["--run", str(run), "--eval-file", str(data / "test.jsonl")]) == 0
+    return run / "onnx"
+
+
+@pytest.fixture(scope="session")
+def pair_exported(tiny_bert: Path, pair_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pair classifier (judgment, BERT with token_type_ids) and its ONNX dir."""
+    return _pair_export(tiny_bert, pair_data, tmp_path_factory.mktemp("pair-runs") / "run", "data.label_field=judgment", "train.epochs=4")
+
+
+@pytest.fixture(scope="session")
+def reg_exported(tiny_bert: Path, pair_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pair regression model (score, task auto-detected) and its ONNX dir."""
+    return _pair_export(tiny_bert, pair_data, tmp_path_factory.mktemp("reg-runs") / "run", "data.label_field=score", "train.epochs=6")

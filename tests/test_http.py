@@ -327,5 +327,7 @@ def test_warm_up_runs_every_worker_and_http_texts_get_the_file_character_cap(exp
         assert all(seen[id(w)] for w in workers), "a worker was not warmed up"
         huge = "word " * 200_000
         assert client.post("/predict", json={"inputs": huge}).status_code == 200
-    cap = workers[0].max_length * 64
-    assert max(n for lengths in seen.values() for n in lengths) == cap
+    from serve_cli.runtime import CHARS_PER_TOKEN_CAP, MIN_CHARS_CAP
+
+    cap = max(workers[0].max_length * CHARS_PER_TOKEN_CAP, MIN_CHARS_CAP)
+    assert max(n for lengths in seen.values() for n in lengths) == cap < len(huge)

@@ -331,3 +331,20 @@ def test_multi_label_rows_equal_local_predict(cluster: str, ml_exported: Path, m
         assert json.loads(r["labels"]) == ref["labels"]
         scores = json.loads(r["scores"])
         np.testing.assert_allclose([scores[k] for k in ref["scores"]], list(ref["scores"].values()), atol=1e-6)
+
+
+def test_pair_regression_rows_equal_local_predict(cluster: str, reg_exported: Path, pair_data: Path, tmp_path: Path) -> None:
+    """Pairs (the fields the model was trained on) and scores: the Ray engine writes what `serve_cli predict` does."""
+    local = tmp_path / "local.jsonl"
+    res = subprocess.run([sys.executable, "-m", "serve_cli", "predict", "--model", str(reg_exported), "--input",
+                          str(pair_data / "test.jsonl"), "--output", str(local), "--id-field", "pair_id", "--quiet"],
+                         capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
+    assert res.returncode == 0, res.stderr
+    want = {r["id"]: r["score"] for r in map(json.loads, local.read_text().splitlines())}
+    out = tmp_path / "ray"
+    res = ray_predict(cluster, "--model", str(reg_exported), "--input", str(pair_data / "test.jsonl"), "--id-field", "pair_id",
+                      "--output", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = read_output(out)
+    assert len(got) == len(want) == 80 and {"label", "top_k", "labels", "scores"}.isdisjoint(got[0])
+    np.testing.assert_allclose([r["score"] for r in got], [want[r["id"]] for r in got], atol=1e-6)

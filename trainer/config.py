@@ -105,12 +105,20 @@ class DataConfig:
     train: str = field(default="", metadata={"doc": "Training data: a .jsonl/.json/.csv/.tsv/.parquet file or a hub dataset id ('hub:ID[:split]')."})
     validation: str = field(default="", metadata={"doc": "Validation data; empty = carve a stratified split from train."})
     test: str = field(default="", metadata={"doc": "Test data, evaluated once at the end with the best adapter; empty = none."})
-    text_field: str = field(default="text", metadata={"doc": "Field holding the input text."})
-    label_field: str = field(default="label", metadata={"doc": "Field holding the label (string or integer)."})
-    task: Literal["auto", "single_label", "multi_label"] = field(
+    text_field: str = field(default="text", metadata={"doc": "Field holding the input text (the first text of a pair)."})
+    text_pair_field: str = field(
+        default="",
+        metadata={"doc": "Field holding the second text of a sentence pair (NLI, paraphrase, relevance, similarity); "
+                  "the pair is encoded as the tokenizer's pair ([CLS] a [SEP] b [SEP]) and truncated longest-first. "
+                  "Empty = one text per row."},
+    )
+    label_field: str = field(default="label", metadata={"doc": "Field holding the label (string or integer), or the regression target (a number)."})
+    task: Literal["auto", "single_label", "multi_label", "regression"] = field(
         default="auto",
         metadata={"doc": "'auto': multi_label when the training labels hold lists, or data.label_separator or "
-                  "data.label_fields is set; else single_label. summary.json says which and why."},
+                  "data.label_fields is set; regression when every training label is a number and some have a "
+                  "fraction (4.5) and data.labels is empty; else single_label. Integer scores (1..5 stars) are "
+                  "classes unless data.task=regression. summary.json says which and why."},
     )
     label_separator: str = field(
         default="",
@@ -196,11 +204,12 @@ class TrainConfig:
             "at most 10), so rare labels count as much as common ones; for imbalanced data where macro F1 matters."
         },
     )
-    metric_for_best: Literal["auto", "accuracy", "f1_weighted", "f1_macro", "f1_micro", "loss"] = field(
+    metric_for_best: Literal["auto", "accuracy", "f1_weighted", "f1_macro", "f1_micro", "loss", "pearson", "spearman", "mse", "mae"] = field(
         default="auto",
-        metadata={"doc": "Validation metric that picks the best adapter (loss: lower is better). 'auto': accuracy "
-                  "for single-label; macro F1 (at the best global threshold on validation) for multi-label, so "
-                  "rare labels count as much as frequent ones and one big label (neutral) cannot carry it."},
+        metadata={"doc": "Validation metric that picks the best adapter (loss, mse, mae: lower is better). 'auto': "
+                  "accuracy for single-label; macro F1 (at the best global threshold on validation) for multi-label, "
+                  "so rare labels count as much as frequent ones and one big label (neutral) cannot carry it; "
+                  "Pearson for regression (the metric SICK-R and STS-B report)."},
     )
     pos_weight: Literal["none", "auto"] = field(
         default="none",
@@ -366,8 +375,11 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         (bool(cfg.data.label_field) or bool(cfg.data.label_fields), "data.label_field: must not be empty"),
         (not (cfg.data.label_fields and cfg.data.label_separator),
          "data.label_fields and data.label_separator: give one (0/1 columns, or one cell split at a separator)"),
-        (not (cfg.data.task == "single_label" and (cfg.data.label_fields or cfg.data.label_separator)),
-         "data.task=single_label: data.label_fields / data.label_separator make labels lists; use data.task=multi_label or auto"),
+        (not (cfg.data.task in ("single_label", "regression") and (cfg.data.label_fields or cfg.data.label_separator)),
+         f"data.task={cfg.data.task}: data.label_fields / data.label_separator make labels lists; use data.task=multi_label or auto"),
+        (not (cfg.data.task == "regression" and cfg.data.labels),
+         "data.task=regression: data.labels names classes; leave it empty for a numeric target"),
+        (cfg.data.text_pair_field != cfg.data.text_field, "data.text_pair_field: must differ from data.text_field"),
         (cfg.train.threshold_min_positives >= 1, "train.threshold_min_positives: expected >= 1"),
         (len(set(cfg.data.labels)) == len(cfg.data.labels), "data.labels: contains duplicates"),
         (cfg.data.labels == [] or len(cfg.data.labels) >= 2, "data.labels: give at least two labels or leave empty"),

@@ -141,9 +141,10 @@ def make_collate(pad_token_id: int, token_type_ids: bool):
             for j, it in enumerate(items):
                 tt[j, : len(it["token_type_ids"])] = torch.tensor(it["token_type_ids"])
             batch["token_type_ids"] = tt
-        # Multi-label rows carry a 0/1 row over the labels (BCE targets, float); single-label rows one id.
-        multi = isinstance(items[0]["labels"], list)
-        batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.float32 if multi else torch.long)
+        # Multi-label rows carry a 0/1 row over the labels (BCE targets, float), regression rows a number;
+        # single-label rows one id.
+        targets = isinstance(items[0]["labels"], (list, float))
+        batch["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.float32 if targets else torch.long)
         # Row index in the split: evaluation runs in length order and maps predictions back with it.
         batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
         return batch

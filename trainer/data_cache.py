@@ -33,11 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from torch.utils.data import Dataset
 
-from loraship.labels import LabelMap, UnknownLabel
-from loraship.rows import Fields, list_files, where
+from loraship.labels import LabelMap, UnknownLabel, fractional, number
+from loraship.rows import Fields, Input, list_files, where
 from trainer.data import BATCH_ROWS, UNKNOWN_FIX, DataError, Label, iter_rows
 
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 TOKENS_FILE = "tokens.arrow"
 TEXTS_FILE = "texts.arrow"
 # Rows per Arrow record batch on disk: a training batch reads each of its rows' record batches with a plain
@@ -121,6 +121,13 @@ class TokenizedSplit(Dataset):
         """Texts of split positions [start, stop): callers read big splits in slices."""
         return self._take(TEXTS_FILE, "text", self.rows[start:stop])
 
+    def inputs(self, start: int = 0, stop: int | None = None) -> list[Input]:
+        """What the model read at split positions [start, stop): texts, or (text, text_pair) pairs."""
+        first = self.texts(start, stop)
+        if not self.info.get("pair"):
+            return list(first)
+        return list(zip(first, self._take(TEXTS_FILE, "text_pair", self.rows[start:stop]), strict=True))
+
     def select(self, positions: np.ndarray) -> TokenizedSplit:
         part = copy.copy(self)
         part.rows = self.rows[positions]
@@ -131,6 +138,22 @@ class TokenizedSplit(Dataset):
         """`file:line` (or `file row N`) of a row of the file, for messages."""
         line, file_index = (self._take(TOKENS_FILE, c, np.array([file_row]))[0] for c in ("line", "file"))
         return where(self.info["files"][file_index], line, self.info["unit"])
+
+    def assign_targets(self) -> None:
+        """Regression: each row's number (loraship.labels.number), mapped per distinct stored value; a value that
+        is not a number names its first file:line."""
+        col = self.table.column("label")
+        codes = pc.dictionary_encode(col).combine_chunks() if col.num_chunks else pa.array([], pa.dictionary(pa.int32(), pa.string()))
+        index = codes.indices.to_numpy(zero_copy_only=False)
+        lut = np.zeros(len(codes.dictionary), dtype=np.float32)
+        for k, stored in enumerate(codes.dictionary.to_pylist()):
+            value = number(decode_label(stored))
+            if value is None:
+                first = self.where(int(np.flatnonzero(index == k)[0]))
+                raise DataError(f"{first}: the regression target {decode_label(stored)!r} is not a number; fix the row, "
+                                "or train a classifier with data.task=single_label")
+            lut[k] = value
+        self.label_ids = lut[index]
 
     def assign_labels(self, labels: LabelMap, multi: bool = False) -> None:
         """Label ids for every row, mapped per distinct label (loraship.labels' rule): one id per row, or with
@@ -196,38 +219,42 @@ def source_fingerprint(source: str) -> str:
     return file_fingerprint(path)
 
 
-def make_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], tuple[list[list[int]], list[list[int]] | None]]:
-    """Token ids (and type ids when the model's tokenizer makes non-zero ones) for a batch of texts,
-    exactly as `tokenizer(texts, truncation=True, max_length=...)`. A fast tokenizer's own copy encodes in
-    its Rust thread pool on every core (TOKENIZERS_PARALLELISM)."""
+Encoder = Callable[[list[str], "list[str] | None"], tuple[list[list[int]], list[list[int]] | None]]
+
+
+def make_encoder(tokenizer: Any, max_length: int, pair: bool = False) -> Encoder:
+    """Token ids (and type ids when the tokenizer makes non-zero ones: pairs, for BERT-like tokenizers) for a
+    batch of texts or of pairs (texts, pairs), exactly as `tokenizer(texts, pairs, truncation=True,
+    max_length=...)`: a pair is `[CLS] a [SEP] b [SEP]`, truncated longest-first. A fast tokenizer's own copy
+    encodes in its Rust thread pool on every core (TOKENIZERS_PARALLELISM)."""
     if getattr(tokenizer, "is_fast", False):
         from tokenizers import Tokenizer
 
         backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # our own copy: settings stay ours
         backend.no_padding()
-        backend.enable_truncation(max_length, direction=tokenizer.truncation_side)
+        backend.enable_truncation(max_length, strategy="longest_first", direction=tokenizer.truncation_side)
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        types = any(backend.encode("a b").type_ids)
+        types = any((backend.encode("a", "b") if pair else backend.encode("a b")).type_ids)
 
-        def fast(texts: list[str]) -> tuple[list[list[int]], list[list[int]] | None]:
-            encs = encode(texts)
+        def fast(texts: list[str], pairs: list[str] | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
+            encs = encode(list(zip(texts, pairs, strict=True)) if pairs is not None else texts)
             return [e.ids for e in encs], ([e.type_ids for e in encs] if types else None)
 
         return fast
-    types = any(tokenizer("a b").get("token_type_ids") or [])
+    types = any((tokenizer("a", "b") if pair else tokenizer("a b")).get("token_type_ids") or [])
 
-    def slow(texts: list[str]) -> tuple[list[list[int]], list[list[int]] | None]:
-        enc = tokenizer(texts, truncation=True, max_length=max_length)
+    def slow(texts: list[str], pairs: list[str] | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
         return enc["input_ids"], (enc["token_type_ids"] if types else None)
 
     return slow
 
 
-def _record_batches(lines: list[int], files: list[int], texts: list[str], labels: list[Label],
+def _record_batches(lines: list[int], files: list[int], texts: list[str], labels: list[Label], pairs: list[str],
                     encoder: Callable[..., Any]) -> tuple[pa.RecordBatch, pa.RecordBatch]:
     """(tokens, texts) record batches of the same rows. A label is kept as text: the label map treats a JSON
-    integer and the same digits in a CSV cell alike."""
-    ids, types = encoder(texts)
+    integer and the same digits in a CSV cell alike (a regression target is parsed back into its number)."""
+    ids, types = encoder(texts, pairs or None)
     cols = {
         "label": pa.array([encode_label(x) for x in labels], pa.string()),
         "line": pa.array(lines, pa.int64()),
@@ -237,7 +264,10 @@ def _record_batches(lines: list[int], files: list[int], texts: list[str], labels
     }
     if types is not None:
         cols["token_type_ids"] = pa.array(types, pa.list_(pa.int8()))
-    return pa.RecordBatch.from_pydict(cols), pa.RecordBatch.from_pydict({"text": pa.array(texts, pa.string())})
+    text_cols = {"text": pa.array(texts, pa.string())}
+    if pairs:
+        text_cols["text_pair"] = pa.array(pairs, pa.string())
+    return pa.RecordBatch.from_pydict(cols), pa.RecordBatch.from_pydict(text_cols)
 
 
 def build_split(source: str, fields: Fields, encoder: Callable[..., Any], out: Path, progress: bool) -> dict[str, Any]:
@@ -251,7 +281,7 @@ def build_split(source: str, fields: Fields, encoder: Callable[..., Any], out: P
     unit = "line"
     n = 0
     writers: list[Any] = []
-    buf: tuple[list[int], list[int], list[str], list[Label]] = ([], [], [], [])
+    buf: tuple[list[int], list[int], list[str], list[Label], list[str]] = ([], [], [], [], [])
     bar = tqdm(desc=f"tokenizing {Path(source).name}", unit=" rows", disable=not progress, mininterval=2.0)
     with (out / TOKENS_FILE).open("wb") as tokens, (out / TEXTS_FILE).open("wb") as texts:
         for row in iter_rows(source, fields):
@@ -260,10 +290,12 @@ def build_split(source: str, fields: Fields, encoder: Callable[..., Any], out: P
             buf[1].append(files.setdefault(row.file, len(files)))
             buf[2].append(row.text)
             buf[3].append(row.label)
+            if row.text_pair is not None:
+                buf[4].append(row.text_pair)
             distinct.setdefault(encode_label(row.label), row.label)
             if len(buf[0]) == BATCH_ROWS:
                 writers = _write(writers, (tokens, texts), _record_batches(*buf, encoder))
-                n, buf = n + BATCH_ROWS, ([], [], [], [])
+                n, buf = n + BATCH_ROWS, ([], [], [], [], [])
                 bar.update(BATCH_ROWS)
         if buf[0]:
             writers = _write(writers, (tokens, texts), _record_batches(*buf, encoder))
@@ -278,6 +310,8 @@ def build_split(source: str, fields: Fields, encoder: Callable[..., Any], out: P
         "files": list(files),
         "labels": list(distinct.values())[:100_000],
         "multi": any(isinstance(v, list) for v in distinct.values()),
+        "fractional": fractional(distinct.values()),  # numbers with fractions: a regression target (data.task=auto)
+        "pair": fields.text_pair is not None,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     (out / META_FILE).write_text(json.dumps(info))
@@ -329,7 +363,7 @@ def load_or_build(source: str, fields: Fields, max_length: int, tokenizer: Any, 
     tmp = root / f".{key}.{os.getpid()}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        build_split(source, fields, make_encoder(tokenizer, max_length), tmp, progress)
+        build_split(source, fields, make_encoder(tokenizer, max_length, fields.text_pair is not None), tmp, progress)
         (tmp / "key.json").write_text(json.dumps(parts, indent=2))
         try:
             os.rename(tmp, target)  # atomic: readers see a whole split or none

@@ -39,6 +39,10 @@ def auto_epochs(rows: int, label_counts: np.ndarray) -> tuple[int, str]:
     k = len(present)
     wanted = math.ceil(PRESENTATIONS_PER_LABEL * k / max(rows, 1))
     epochs = min(AUTO_MAX_EPOCHS, max(AUTO_MIN_EPOCHS, wanted))
+    if k == 1:  # a regression target (one output): the rule counts it as one label
+        return epochs, (f"{rows:,} training rows, one target: {epochs} epochs (rule: about {PRESENTATIONS_PER_LABEL:,} "
+                        f"presentations per output, ceil({PRESENTATIONS_PER_LABEL:,} / {rows:,}) = {wanted}, kept within "
+                        f"{AUTO_MIN_EPOCHS}..{AUTO_MAX_EPOCHS})")
     why = (f"{rows:,} training rows, {k} labels (median {float(np.median(present)):.0f} rows per label, fewest "
            f"{int(present.min())}): {epochs} epochs (rule: enough passes for about {PRESENTATIONS_PER_LABEL:,} "
            f"presentations per label on average, ceil({PRESENTATIONS_PER_LABEL:,} x {k} / {rows:,}) = {wanted}, "

@@ -48,12 +48,13 @@ from loraship.metrics import (
     choose_thresholds,
     decide,
     multilabel_report,
+    regression_report,
     summary_metrics,
     threshold_vector,
 )
 from loraship.quiet import quiet_third_party
-from loraship.rows import Fields
-from loraship.task import PROBLEM_TYPES
+from loraship.rows import Fields, input_record
+from loraship.task import PROBLEM_TYPES, REGRESSION, Task
 from trainer import checkpoints, mfu, recipe
 from trainer.config import (
     Config,
@@ -133,9 +134,10 @@ class Run:
     eval_loaders: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
     labels: list[str] = field(default_factory=list)
-    task: str = "single_label"  # or "multi_label" (resolve_task)
+    task: str = "single_label"  # or "multi_label", "regression" (resolve_task)
     task_why: str = ""
     thresholds: dict[str, Any] | None = None  # multi-label decision thresholds, chosen on validation at the end
+    target: dict[str, Any] | None = None  # regression: {"name", "mean", "std"} of the training targets (the scale)
     splits: dict[str, TokenizedSplit] = field(default_factory=dict)
     data_report: dict[str, Any] = field(default_factory=dict)  # cache hit/built and setup seconds per split
     meta: dict[str, Any] = field(default_factory=dict)
@@ -220,7 +222,8 @@ def load_splits(run: Run) -> dict[str, str]:
     progress = run.accelerator.is_local_main_process
 
     fields = Fields(data_cfg.text_field, None if data_cfg.label_fields else data_cfg.label_field,
-                    label_separator=data_cfg.label_separator or None, label_fields=tuple(data_cfg.label_fields))
+                    label_separator=data_cfg.label_separator or None, label_fields=tuple(data_cfg.label_fields),
+                    text_pair=data_cfg.text_pair_field or None)
 
     def split(path: str) -> tuple[TokenizedSplit, str]:
         source = resolve_data_path(path, data_cfg.data_dir)
@@ -229,6 +232,8 @@ def load_splits(run: Run) -> dict[str, str]:
     train, status = split(data_cfg.train)
     report = {"train": status}
     run.task, run.task_why = resolve_task(data_cfg, train.info)
+    if run.task == REGRESSION:
+        return load_regression_splits(run, train, split, report)
     multi = run.task == "multi_label"
     given = data_cfg.labels or list(data_cfg.label_fields)
     label2id = label_map(train.info["labels"], given, train.source)
@@ -256,6 +261,42 @@ def load_splits(run: Run) -> dict[str, str]:
     return report
 
 
+def load_regression_splits(run: Run, train: TokenizedSplit, split: Any, report: dict[str, str]) -> dict[str, str]:
+    """load_splits for a numeric target: numbers per row, one output named after the target field, and the
+    scale (the training targets' mean and standard deviation) the model learns in and serving undoes.
+    A carved validation split is stratified by the target's deciles."""
+    cfg, data_cfg = run.cfg, run.cfg.data
+    run.labels = [data_cfg.label_field]
+    train.assign_targets()
+    splits: dict[str, TokenizedSplit] = {}
+    if data_cfg.validation:
+        splits["validation"], report["validation"] = split(data_cfg.validation)
+        splits["validation"].assign_targets()
+        train_idx = np.arange(len(train))
+    else:
+        train_idx, val_idx = stratified_split(target_deciles(train.labels()), data_cfg.validation_fraction, cfg.train.seed)
+        splits["validation"] = train.select(val_idx)
+    if data_cfg.max_train_samples:
+        rng = np.random.default_rng(cfg.train.seed)
+        train_idx = np.sort(rng.permutation(train_idx)[: data_cfg.max_train_samples])
+    splits["train"] = train.select(train_idx)
+    if data_cfg.test:
+        splits["test"], report["test"] = split(data_cfg.test)
+        splits["test"].assign_targets()
+    y = splits["train"].labels().astype(np.float64)
+    if len(y) < 2 or y.std() == 0:
+        raise DataError(f"{train.source}: the regression target {data_cfg.label_field!r} takes a single value; nothing to learn")
+    run.target = {"name": data_cfg.label_field, "mean": float(y.mean()), "std": float(y.std())}
+    run.splits = splits
+    return report
+
+
+def target_deciles(y: np.ndarray) -> np.ndarray:
+    """Each target's decile (0..9): strata for a stratified carve of a numeric target."""
+    edges = np.quantile(y, np.linspace(0, 1, 11)[1:-1])
+    return np.searchsorted(edges, y, side="right")
+
+
 def resolve_task(data_cfg: Any, info: dict[str, Any]) -> tuple[str, str]:
     """(task, why): data.task, or what the training labels and the label settings say."""
     if data_cfg.task != "auto":
@@ -266,6 +307,8 @@ def resolve_task(data_cfg: Any, info: dict[str, Any]) -> tuple[str, str]:
         return "multi_label", f"data.label_separator={data_cfg.label_separator!r}"
     if info.get("multi"):
         return "multi_label", f"the training labels ({data_cfg.label_field}) hold lists"
+    if info.get("fractional") and not data_cfg.labels:
+        return REGRESSION, f"the training labels ({data_cfg.label_field}) are numbers with fractions"
     return "single_label", "one label per training row"
 
 
@@ -297,11 +340,13 @@ def make_loaders(
 
 
 def evaluate(model: Any, loader: DataLoader, accelerator: Any, labels: list[str], detailed: bool = False,
-             thresholds: dict[str, Any] | None = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+             thresholds: dict[str, Any] | None = None, target: dict[str, Any] | None = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Loss and metrics over the whole split; `gather_for_metrics` drops the duplicates of the last batch.
 
     Multi-label (0/1 label rows): sigmoid probabilities, metrics at `thresholds`, or without them at the
-    global threshold that is best on this split (what validation compares adapters by)."""
+    global threshold that is best on this split (what validation compares adapters by).
+    Regression (`target`, the scale): scores in the data's units (one column), loss the MSE in the scaled units
+    the model is trained in, metrics Pearson, Spearman, MSE, MAE in the data's units."""
     model.eval()
     all_logits, all_labels, all_index = [], [], []
     with torch.no_grad():
@@ -315,7 +360,12 @@ def evaluate(model: Any, loader: DataLoader, accelerator: Any, labels: list[str]
     model.train()
     logits = torch.cat(all_logits)
     y = torch.cat(all_labels)
-    if y.dtype.is_floating_point:  # multi-label
+    if target is not None:
+        scaled = (y - target["mean"]) / target["std"]
+        loss = torch.nn.functional.mse_loss(logits[:, 0], scaled).item()
+        probs = Task(REGRESSION, labels, target=target).probs(logits.numpy())
+        metrics = regression_report(y.numpy(), probs[:, 0])
+    elif y.dtype.is_floating_point:  # multi-label
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y).item()
         probs = torch.sigmoid(logits).numpy()
         metrics = multilabel_metrics(y.numpy(), probs, labels, detailed, thresholds)
@@ -342,13 +392,23 @@ def metric_for_best(cfg: Config, task: str) -> str:
     """train.metric_for_best, with auto resolved for the task."""
     if cfg.train.metric_for_best != "auto":
         return cfg.train.metric_for_best
-    return "f1_macro" if task == "multi_label" else "accuracy"
+    return "f1_macro" if task == "multi_label" else "pearson" if task == REGRESSION else "accuracy"
+
+
+LOWER_IS_BETTER = ("loss", "mse", "mae")
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:
     if best is None:
         return True
-    return value < best if metric == "loss" else value > best
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+def shown_metrics(task: str) -> tuple[str, ...]:
+    """The validation figures printed and logged for a task."""
+    if task == REGRESSION:
+        return ("pearson", "spearman", "mse")
+    return ("f1_macro", "f1_micro", "threshold") if task == "multi_label" else ("accuracy", "f1_weighted")
 
 
 def log_line(path: Path, record: dict[str, Any]) -> None:
@@ -554,7 +614,7 @@ def load_data(run: Run) -> None:
         + f"; data ready in {run.data_report['setup_seconds']:.1f}s (" + ", ".join(f"{k}: {v}" for k, v in cache.items())
         + (f", cache {data_cache_root(cfg)})" if cfg.data.cache else ")")
     )
-    sample_texts = run.splits["validation"].texts(0, 32)
+    sample_texts = run.splits["validation"].inputs(0, 32)
     run.meta = {
         "base_model": cfg.model.name_or_path,
         "labels": run.labels,
@@ -563,8 +623,10 @@ def load_data(run: Run) -> None:
         "max_length": cfg.data.max_length,
         "pooling": cfg.model.pooling,  # 'mean': the merge appends the same pooling layer to the base first
         "text_field": cfg.data.text_field,
+        "text_pair_field": cfg.data.text_pair_field or None,
         "label_field": cfg.data.label_field,
         "task": run.task,  # multi_label: sigmoid per label, decisions at "thresholds" (added when training ends)
+        "target": run.target,  # regression: the scale serving undoes
         "trust_remote_code": cfg.model.trust_remote_code,
         # Adapters are what people share: no data paths, and validation texts only when output.embed_sample_texts asks.
         "sample_texts": sample_texts if cfg.output.embed_sample_texts else [],
@@ -586,13 +648,18 @@ CALIBRATION_ROWS = 2000
 
 
 def label_counts(split: TokenizedSplit, n_labels: int) -> np.ndarray:
-    """Rows of each label (multi-label: positive rows per label; a row counts once per label it has)."""
+    """Rows of each label (multi-label: positive rows per label; a row counts once per label it has; regression:
+    every row has the one target)."""
     y = split.labels()
+    if y.dtype.kind == "f" and y.ndim == 1:
+        return np.array([len(y)])
     return y.sum(0).astype(np.int64) if y.ndim == 2 else np.bincount(y, minlength=n_labels)
 
 
-def label_names_of(labels: list[str], target: Any) -> str | list[str]:
-    """A row's label as a name, or a multi-label row's 0/1 list as the list of its names."""
+def label_names_of(labels: list[str], target: Any) -> str | list[str] | float:
+    """A row's label as a name, a multi-label row's 0/1 list as the list of its names, a regression target as itself."""
+    if isinstance(target, float):
+        return target
     return [n for n, on in zip(labels, target, strict=True) if on] if isinstance(target, list) else labels[target]
 
 
@@ -603,16 +670,16 @@ def save_selection_data(run: Run) -> None:
     y = val.labels()
     with (run.run_dir / VALIDATION_FILE).open("w", encoding="utf-8") as f:
         for start in range(0, len(val), BATCH_ROWS):
-            texts = val.texts(start, start + BATCH_ROWS)
-            f.writelines(json.dumps({"text": t, "label": label_names_of(run.labels, k)}, ensure_ascii=False) + "\n"
+            texts = val.inputs(start, start + BATCH_ROWS)
+            f.writelines(json.dumps({**input_record(t), "label": label_names_of(run.labels, k)}, ensure_ascii=False) + "\n"
                          for t, k in zip(texts, y[start : start + BATCH_ROWS].tolist(), strict=True))
     train = run.splits["train"]
     # Thousands of texts: the int8 search measures agreement with fp32 on them (a finer criterion than a small
     # labelled validation split, where one row can be worth more than the allowed drop).
     pick = np.sort(np.random.default_rng(run.cfg.train.seed).permutation(len(train))[:CALIBRATION_ROWS])
-    texts = train.select(pick).texts()
+    texts = train.select(pick).inputs()
     with (run.run_dir / CALIBRATION_FILE).open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+        f.writelines(json.dumps(input_record(t), ensure_ascii=False) + "\n" for t in texts)
 
 
 def build_training(run: Run) -> None:
@@ -682,7 +749,7 @@ def plan_steps(run: Run) -> None:
         weights = recipe.pos_weights(counts, rows)
         run.class_weights = torch.tensor(weights, dtype=torch.float32, device=acc.device)
         run.recipe["pos_weight"] = dict(zip(run.labels, np.round(weights, 4).tolist(), strict=True))
-    elif t.class_weights == "auto" and not multi:
+    elif t.class_weights == "auto" and not multi and run.task != REGRESSION:
         weights = recipe.class_weights(counts)
         run.class_weights = torch.tensor(weights, dtype=torch.float32, device=acc.device)
         run.recipe["class_weights"] = dict(zip(run.labels, np.round(weights, 4).tolist(), strict=True))
@@ -755,10 +822,10 @@ def restore(run: Run, resume_from: Path | None) -> None:
         acc.print(f"resumed from {resume_from} at step {s.global_step} (epoch {s.epoch}, batch {s.batches_in_epoch})")
     elif run.cfg.train.eval_baseline:
         for name, loader in run.eval_loaders.items():
-            metrics, _, _ = evaluate(run.model, loader, acc, run.labels)
+            metrics, _, _ = evaluate(run.model, loader, acc, run.labels, target=run.target)
             if acc.is_main_process:
                 log_line(run.metrics_path, {"event": "baseline", "split": name, **metrics})
-            acc.print(f"baseline (untrained) {name}: accuracy {metrics['accuracy']:.4f} f1_w {metrics['f1_weighted']:.4f}")
+            acc.print(f"baseline (untrained) {name}: " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown_metrics(run.task)))
     if launched_by_accelerate():
         run.launcher_pid = os.getppid()
 
@@ -787,7 +854,7 @@ def fit(run: Run) -> float:
         for batch in batches:
             batch.pop("index")
             with acc.accumulate(model):
-                loss = training_loss(model, batch, run.class_weights, run.cfg.train.label_smoothing)
+                loss = training_loss(model, batch, run.class_weights, run.cfg.train.label_smoothing, run.target)
                 check_health(run, loss)  # a non-finite loss or a dead launcher stops every rank here
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
@@ -830,9 +897,16 @@ def fit(run: Run) -> float:
     return clock() - start
 
 
-def training_loss(model: Any, batch: dict[str, torch.Tensor], class_weights: torch.Tensor | None, label_smoothing: float = 0.0) -> torch.Tensor:
+def training_loss(model: Any, batch: dict[str, torch.Tensor], class_weights: torch.Tensor | None, label_smoothing: float = 0.0,
+                  target: dict[str, Any] | None = None) -> torch.Tensor:
     """The model's own cross-entropy, or with class weights / label smoothing our own (computed in fp32).
-    Multi-label (float 0/1 targets): binary cross-entropy with logits in fp32, `class_weights` as pos_weight."""
+    Multi-label (float 0/1 targets): binary cross-entropy with logits in fp32, `class_weights` as pos_weight.
+    Regression (`target`, the scale): MSE in fp32 against the target scaled to mean 0 and std 1, so the
+    learning rate and the head's initialisation suit any unit (scores 1-5, prices, seconds)."""
+    if target is not None:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        scaled = (batch["labels"] - target["mean"]) / target["std"]
+        return torch.nn.functional.mse_loss(logits[:, 0].float(), scaled)
     if batch["labels"].dtype.is_floating_point:
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["labels"], pos_weight=class_weights)
@@ -887,7 +961,7 @@ def validate(run: Run, kind: str) -> bool:
     """Evaluate, save the adapter if best, and decide early stopping once for every rank. Returns: stop."""
     t0 = clock()
     acc, state = run.accelerator, run.state
-    metrics, _, _ = evaluate(run.model, run.eval_loaders["validation"], acc, run.labels)
+    metrics, _, _ = evaluate(run.model, run.eval_loaders["validation"], acc, run.labels, target=run.target)
     best_by = metric_for_best(run.cfg, run.task)
     value = metrics[best_by]
     improved = is_better(value, state.best_metric, best_by)
@@ -899,12 +973,12 @@ def validate(run: Run, kind: str) -> bool:
     if acc.is_main_process:
         record = {"event": kind, "step": state.global_step, "epoch": state.epoch, "best": improved, **{f"val_{k}": v for k, v in metrics.items()}}
         log_line(run.metrics_path, record)
-        acc.log({f"val/{k}": metrics[k] for k in ("loss", "accuracy", "f1_weighted", "f1_macro")}, step=state.global_step)
+        acc.log({f"val/{k}": metrics[k] for k in ("loss", "accuracy", "f1_weighted", "f1_macro", "pearson", "spearman", "mse")
+                 if k in metrics}, step=state.global_step)
         if run.patience and state.evals_without_improvement >= run.patience:
             acc.set_trigger()
     run.timings["evaluation"].append(clock() - t0)
-    shown = ("f1_macro", "f1_micro", "threshold") if run.task == "multi_label" else ("accuracy", "f1_weighted")
-    acc.print(f"step {state.global_step}: val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown)
+    acc.print(f"step {state.global_step}: val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown_metrics(run.task))
               + f" loss {metrics['loss']:.4f}" + (" (best)" if improved else ""))
     stop = acc.check_trigger()
     if stop:
@@ -962,6 +1036,7 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
         f"best_val_{metric_for_best(cfg, run.task)}": state.best_metric,
         "task": run.task,
         "task_why": run.task_why,
+        "target": run.target,
         # Wall time of the loop (with evaluation and checkpoints); throughput over training steps only.
         "train_seconds": elapsed,
         "eval_and_checkpoint_seconds": run.overhead,
@@ -989,8 +1064,9 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
         choose_decision_thresholds(run)
         summary["thresholds"] = run.thresholds
     if "test" in run.eval_loaders:
-        metrics, probs, index = evaluate(run.model, run.eval_loaders["test"], acc, run.labels, detailed=True, thresholds=run.thresholds)
-        keys = ("accuracy", "f1_weighted", "f1_macro") + (("f1_micro", "f1_samples") if run.task == "multi_label" else ())
+        metrics, probs, index = evaluate(run.model, run.eval_loaders["test"], acc, run.labels, detailed=True, thresholds=run.thresholds,
+                                         target=run.target)
+        keys = Task(run.task, run.labels).headline_keys
         summary.update({f"test_{k}": metrics[k] for k in keys})
         if acc.is_main_process:
             (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -1025,12 +1101,16 @@ def card_facts(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
     """What the model card says about the data and the training: sizes, label counts and a fingerprint of
     the training rows (no paths, no texts), the recipe that ran, its time and the machine."""
     counts = label_counts(run.splits["train"], len(run.labels))
+    if run.target is not None:  # regression: the target's spread, not counts
+        y = run.splits["train"].labels()
+        counts_or_spread: dict[str, Any] = {"target": {**run.target, "min": float(y.min()), "max": float(y.max())}}
+    else:
+        counts_or_spread = {"label_counts": dict(zip(run.labels, map(int, counts), strict=True))}
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores"
     return {
-        "data": {"rows": {k: len(v) for k, v in run.splits.items()},
-                 "label_counts": dict(zip(run.labels, map(int, counts), strict=True)),
+        "data": {"rows": {k: len(v) for k, v in run.splits.items()}, **counts_or_spread,
                  "fingerprint": data_fingerprint({"train": run.splits["train"]})},
         "training": {"steps": summary["steps"], "best_step": summary["best_step"], "epochs": run.recipe.get("epochs"),
                      "loop_seconds": round(summary["train_seconds"], 1), "mixed_precision": run.mixed_precision,
@@ -1063,12 +1143,16 @@ def write_predictions(path: Path, split: TokenizedSplit, labels: list[str], prob
     cut = threshold_vector(thresholds, labels) if thresholds else None
     row_of = np.empty(len(index), dtype=np.int64)
     row_of[index] = np.arange(len(index))
+    regression = y.dtype.kind == "f" and y.ndim == 1
     with path.open("w", encoding="utf-8") as f:
         for start in range(0, len(split), BATCH_ROWS):
-            for i, text in enumerate(split.texts(start, start + BATCH_ROWS), start=start):
+            for i, text in enumerate(split.inputs(start, start + BATCH_ROWS), start=start):
                 p = probs[row_of[i]]
+                if regression:
+                    f.write(json.dumps({**input_record(text), "label": float(y[i]), "pred": round(float(p[0]), 6)}) + "\n")
+                    continue
                 f.write(json.dumps({
-                    "text": text,
+                    **input_record(text),
                     "label": label_names_of(labels, y[i].tolist()),
                     "pred": [n for n, on in zip(labels, decide(p, cut), strict=True) if on] if cut is not None else labels[int(p.argmax())],
                     "probs": {name: round(float(v), 6) for name, v in zip(labels, p, strict=True)},
