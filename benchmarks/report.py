@@ -303,7 +303,7 @@ def pairs(machines: set[tuple[str, int]]) -> list[str]:
             out += ["", f"{name}: {t['training']['steps']} steps ({t['training']['recipe']['epochs']:g} epochs, "
                     f"{t['training']['mixed_precision']}), {t['training']['loop_seconds']:.0f} s; int8 ({t['int8_chosen']}) "
                     f"{t['int8_speedup']:.2f}x fp32's rows/s, int8 minus fp32 on test {t['int8_minus_fp32']:+.4f} {t['metric']}; "
-                    f"all {t['data_rows'] if 'data_rows' in t else r['data']['test']:,} test pairs, outputs equal to `serve_cli predict`'s "
+                    f"all {r['data']['test']:,} test pairs, outputs equal to `serve_cli predict`'s "
                     f"(label, or score within 1e-5): {same}."]
     return [*out, "", "Command: `python benchmarks/pairs.py`.", ""]
 

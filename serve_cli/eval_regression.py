@@ -43,7 +43,8 @@ def plot_scatter(y: np.ndarray, pred: np.ndarray, report: dict[str, Any], path: 
         ax.plot([lo, hi], [lo, hi], color="#c44e52", linestyle="--", linewidth=1, label="predicted = true")
         ax.set_xlabel("true")
         ax.set_ylabel("predicted")
-        ax.set_title(f"{Path(report['model']).name} ({report['variant']}): Pearson {report['pearson']:.3f}, "
+        name = f"{Path(report['model']).resolve().parent.name}/{Path(report['model']).name}"
+        ax.set_title(f"{name} ({report['variant']}): Pearson {report['pearson']:.3f}, "
                      f"Spearman {report['spearman']:.3f}, MAE {report['mae']:.3f}", fontsize=10)
         ax.legend(loc="upper left")
         fig.tight_layout()

@@ -162,11 +162,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_bert: Path, t
     rc = main(tiny_args(tiny_bert, toy_data, run, "train.lr=1e30", "train.max_grad_norm=0", "train.save_every=1", "train.warmup_ratio=0"))
     assert rc == 1
     err = capsys.readouterr().err
-    assert "non-finite loss at step" in err and "last good checkpoint" in err
+    assert "non-finite loss by step" in err and "last good checkpoint" in err
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts and all(math.isfinite(x) for x in _train_losses(run))
     state = json.loads((run / "checkpoints" / ckpts[-1] / "train_state.json").read_text())
-    assert f"non-finite loss at step {state['global_step'] + 1}" in err
+    assert f"non-finite loss by step {state['global_step'] + 1}" in err
 
 
 def test_an_exported_accelerate_variable_does_not_make_a_plain_run_a_launched_worker(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -180,6 +180,12 @@ class TrainConfig:
     warmup_ratio: float = field(default=0.06, metadata={"doc": "Share of optimizer steps with linear warmup."})
     scheduler: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"doc": "Decay after warmup."})
     max_grad_norm: float = field(default=1.0, metadata={"doc": "Gradient clipping norm; 0 = off."})
+    collective_timeout_seconds: int = field(
+        default=300,
+        metadata={"doc": "How long a process waits in a collective (all-reduce, barrier) for the others before it "
+                  "stops with an error: a lost node stops the run within this time instead of torch's 30 minutes. "
+                  "Longer than the slowest evaluation or checkpoint save, which the other processes wait for."},
+    )
     seed: int = field(default=42, metadata={"doc": "Seed for data order, splits, init and dropout (0 to 2**32 - 1)."})
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
         default="auto",
@@ -402,6 +408,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         (cfg.train.patience == "auto" or cfg.train.patience >= 0, "train.patience: expected >= 0 or auto"),
         (cfg.train.log_every >= 1, "train.log_every: expected >= 1"),
         (cfg.train.cpu_threads >= 0, "train.cpu_threads: expected >= 0"),
+        (cfg.train.collective_timeout_seconds >= 10, "train.collective_timeout_seconds: expected >= 10"),
         (0 <= cfg.train.seed < 2**32, f"train.seed: got {cfg.train.seed}; expected an integer from 0 to 4294967295"),
     ]
     problems.extend(msg for ok, msg in checks if not ok)

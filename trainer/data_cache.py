@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -331,9 +332,13 @@ def load_split(directory: Path, source: str) -> TokenizedSplit:
     return TokenizedSplit(directory, source, info)
 
 
+HOST = socket.gethostname().replace(".", "_")  # partial builds are named by host and pid: a shared cache serves many hosts
+
+
 def _remove_stale_partials(root: Path, key: str) -> None:
-    """Partial builds of processes that died (killed mid-build) are removed; live ones are left alone."""
-    for p in root.glob(f".{key}.*.partial"):
+    """Partial builds of this host's processes that died (killed mid-build) are removed; live ones, and those
+    of other hosts (a shared cache: their pids mean nothing here), are left alone."""
+    for p in root.glob(f".{key}.{HOST}.*.partial"):
         try:
             os.kill(int(p.name.split(".")[-2]), 0)
         except (ProcessLookupError, ValueError):
@@ -360,7 +365,7 @@ def load_or_build(source: str, fields: Fields, max_length: int, tokenizer: Any, 
         return split, "hit"
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(root, key)
-    tmp = root / f".{key}.{os.getpid()}.partial"
+    tmp = root / f".{key}.{HOST}.{os.getpid()}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         build_split(source, fields, make_encoder(tokenizer, max_length, fields.text_pair is not None), tmp, progress)

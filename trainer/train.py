@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,11 @@ class Run:
     start_step: int = 0  # global step when this process's loop started (after a resume: the checkpoint's)
     loop_start: float = 0.0  # perf_counter at the start of this process's loop
     launcher_pid: int | None = None  # parent pid of a launched worker; None when not launched
+    # Whether this process sees the main process's run dir: one machine, or nodes on a shared filesystem.
+    # False on the other nodes of a local-disk cluster: their local main process keeps a run dir of its own
+    # with what they need to resume (their checkpoint files), and nothing else (see README, Scaling out).
+    shared_disk: bool = True
+    tokens: torch.Tensor | None = None  # tokens trained since the last log point, on the device (no sync per step)
 
     @property
     def total_steps(self) -> int:
@@ -173,6 +179,11 @@ class Run:
     @property
     def metrics_path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
+
+    @property
+    def keeps_node_files(self) -> bool:
+        """The local main process of a node whose disk is its own: it writes this node's checkpoint files."""
+        return not self.shared_disk and self.accelerator.is_local_main_process
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -433,8 +444,10 @@ def launched_by_accelerate() -> bool:
 
 
 def make_accelerator(cfg: Config, mixed_precision: str) -> Any:
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
     # TensorBoard is an optional extra: log to it when it is installed.
     use_tensorboard = cfg.output.tensorboard and importlib.util.find_spec("tensorboard") is not None
@@ -446,7 +459,9 @@ def make_accelerator(cfg: Config, mixed_precision: str) -> Any:
         project_dir=cfg.output.run_dir,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters),
+                         # A lost process (a node down) stops the others within this time, not torch's 30 minutes.
+                         InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_seconds))],
     )
     set_seed(cfg.train.seed)
     if accelerator.device.type == "cpu":
@@ -509,6 +524,81 @@ def claim_run_dir(cfg: Config, accelerator: Any) -> tuple[RunDirLock | None, Pat
     return lock, Path(outcome[1]) if outcome[1] else None
 
 
+def sees_main_run_dir(run_dir: Path, accelerator: Any) -> bool:
+    """Whether this process sees the run dir the main process claimed: a file the main process writes there
+    is looked for by every process (one node, or a shared filesystem: yes; a node's own local disk: no)."""
+    from accelerate.utils import broadcast_object_list
+
+    if accelerator.num_processes == 1:
+        return True
+    token = [uuid.uuid4().hex if accelerator.is_main_process else None]
+    broadcast_object_list(token)
+    probe = run_dir / f".node-probe-{token[0]}"
+    if accelerator.is_main_process:
+        probe.write_text("")
+    accelerator.wait_for_everyone()
+    seen = probe.is_file()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink()
+    return seen
+
+
+def agree(accelerator: Any, problem: str | None) -> None:
+    """Every process raises the first problem any process found (so none is left waiting in a collective)."""
+    from accelerate.utils import gather_object
+
+    problems = [x for x in gather_object([problem]) if x] if accelerator.num_processes > 1 else [x for x in [problem] if x]
+    if problems:
+        raise TrainingError(problems[0])
+
+
+def claim_node_run_dir(cfg: Config, run: Run, resume_from: Path | None) -> tuple[RunDirLock | None, Path | None]:
+    """The other nodes of a local-disk cluster: their local main process locks this node's own run dir, which
+    holds this node's checkpoint files only. With train.resume=latest every node resumes the newest step
+    that is complete on every node (a node lost mid-save may lack the main node's newest)."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    acc, lock, problem, steps = run.accelerator, None, None, None
+    run_dir = Path(cfg.output.run_dir)
+    if run.keeps_node_files:
+        try:
+            lock = RunDirLock(run_dir, "training").acquire()
+            if resume_from is None and not cfg.output.overwrite and any(p.name not in (".lock", OWNER_MARKER) for p in run_dir.iterdir()):
+                problem = (f"{run_dir} on node {acc.process_index // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))}: run dir "
+                           "exists; pass train.resume=latest to continue it or output.overwrite=true to replace it")
+        except OutputError as e:
+            problem = str(e)
+        steps = [n for n, _ in checkpoints.scan(run.ckpt_root)[0]]
+    elif acc.is_main_process:
+        steps = [n for n, _ in checkpoints.scan(run.ckpt_root)[0]]
+    try:
+        agree(acc, problem)
+    except TrainingError:
+        if lock is not None:
+            lock.release()
+        raise
+    if resume_from is not None and cfg.train.resume == "latest":
+        # the newest step complete on the main node and on every node with its own disk
+        found = [set(x) for x in gather_object([steps]) if x is not None]
+        common = [max(set.intersection(*found))] if found and set.intersection(*found) else [None]
+        broadcast_object_list(common)
+        if common[0] is None:
+            if lock is not None:
+                lock.release()
+            raise TrainingError(f"train.resume=latest: no checkpoint is complete on every node (looked in {run.ckpt_root})")
+        resume_from = checkpoints.checkpoint_dir(run.ckpt_root, common[0])
+    if resume_from is not None and run.keeps_node_files and not (resume_from / checkpoints.STATE_FILE).is_file():
+        problem = f"{resume_from}: not on this node; every node needs its own copy of the checkpoint to resume"
+    try:
+        agree(acc, problem)
+    except TrainingError:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock, resume_from
+
+
 def start_run(run: Run, resume_from: Path | None) -> None:
     """The run has passed its checks (config, data, model, resume): now the run dir becomes this run's. An old
     run is removed (output.overwrite), config.yaml and the selection data are written."""
@@ -526,6 +616,14 @@ def start_run(run: Run, resume_from: Path | None) -> None:
         mark_owned(run.run_dir, "run dir")
         save_config(cfg, run.run_dir / "config.yaml")
         save_selection_data(run)
+    elif run.keeps_node_files:  # this node's own run dir: its checkpoint files only
+        if resume_from is None:
+            for p in run.run_dir.iterdir():
+                if p.name not in (".lock", OWNER_MARKER, data_cache_root(cfg).name):
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        else:
+            checkpoints.remove_partials(run.ckpt_root)
+        mark_owned(run.run_dir, "run dir (this node's checkpoint files)")
     acc.wait_for_everyone()
 
 
@@ -535,7 +633,7 @@ RESUME_MAY_CHANGE = {
     "output.run_dir", "output.overwrite", "output.tensorboard", "output.embed_sample_texts",
     "train.resume", "train.resume_changed", "train.cpu_threads", "train.log_every", "train.keep_checkpoints",
     "train.save_every", "train.eval_batch_size", "train.eval_baseline", "train.epochs", "train.max_steps",
-    "train.time_budget_minutes", "train.patience",
+    "train.time_budget_minutes", "train.patience", "train.collective_timeout_seconds",
     "data.train", "data.validation", "data.test", "data.data_dir", "data.cache", "data.cache_dir",
 }
 RESUME_KEY = "resume_key.json"
@@ -553,9 +651,20 @@ def resume_key(run: Run) -> dict[str, Any]:
 
 def check_resume(run: Run, resume_from: Path | None) -> None:
     """Refuse to resume a checkpoint of another run (labels, data, batch size, model...), naming every
-    difference, unless train.resume_changed=true; nothing in the run dir has been touched yet."""
+    difference, unless train.resume_changed=true; nothing in the run dir has been touched yet. Decided by
+    the main process (its checkpoint holds the settings), agreed by every process."""
     if resume_from is None:
         return
+    problem = None
+    if run.accelerator.is_main_process:
+        try:
+            _check_resume(run, resume_from)
+        except TrainingError as e:
+            problem = str(e)
+    agree(run.accelerator, problem)
+
+
+def _check_resume(run: Run, resume_from: Path) -> None:
     changed = layout_changes(run.cfg, resume_from)
     if changed:
         raise TrainingError(f"{resume_from}: the checkpoint does not fit this run's model: it was written with "
@@ -600,7 +709,9 @@ def load_data(run: Run) -> None:
 
     cfg = run.cfg
     t0 = time.perf_counter()
-    with run.accelerator.local_main_process_first():
+    # The main process builds first; then the local main process of every other node, which finds the
+    # main's build on a shared cache and builds its own on a local one; then the rest load it.
+    with run.accelerator.main_process_first(), run.accelerator.local_main_process_first():
         check_max_length(cfg)
         run.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code)
         cache = load_splits(run)
@@ -843,7 +954,10 @@ def fit(run: Run) -> float:
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     model.train()
     progress = tqdm(total=run.total_steps, initial=state.global_step, disable=not acc.is_local_main_process, desc="train")
+    # Kept on the device and read only at log, evaluation and save points: reading a device value (.item(),
+    # int(), bool()) waits for the GPU, and once per step that stalls the queue of launched kernels.
     interval = torch.zeros(2, device=acc.device)  # sum of micro-batch losses, count: the logged loss is their mean
+    run.tokens = torch.zeros((), dtype=torch.long, device=acc.device)
     start = run.loop_start = clock()
     run.start_step = state.global_step
     budget = cfg.time_budget_minutes > 0
@@ -855,7 +969,6 @@ def fit(run: Run) -> float:
             batch.pop("index")
             with acc.accumulate(model):
                 loss = training_loss(model, batch, run.class_weights, run.cfg.train.label_smoothing, run.target)
-                check_health(run, loss)  # a non-finite loss or a dead launcher stops every rank here
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -865,7 +978,7 @@ def fit(run: Run) -> float:
             interval += torch.stack([loss.detach().float(), torch.ones((), device=acc.device)])
             state.batches_in_epoch += 1
             state.samples += len(batch["labels"]) * acc.num_processes
-            state.tokens += int(batch["attention_mask"].sum()) * acc.num_processes
+            run.tokens += batch["attention_mask"].sum()
             if not acc.sync_gradients:
                 continue
             state.global_step += 1
@@ -874,10 +987,15 @@ def fit(run: Run) -> float:
             if epoch_end:
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             last = state.global_step >= run.total_steps
-            if state.global_step % cfg.log_every == 0:
+            logged = state.global_step % cfg.log_every == 0
+            evaluated = epoch_end or last or every(state.global_step, cfg.eval_every)
+            if logged or evaluated or every(state.global_step, cfg.save_every):
+                check_health(run, interval)  # a non-finite loss or a dead launcher stops every rank here
+                state.tokens += int(run.tokens) * acc.num_processes
+                run.tokens.zero_()
+            if logged:
                 log_train(run, interval, progress)
                 interval.zero_()
-            evaluated = epoch_end or last or every(state.global_step, cfg.eval_every)
             if evaluated:
                 stop = validate(run, "epoch_end" if epoch_end else "eval")
             if epoch_end or last or stop or every(state.global_step, cfg.save_every):
@@ -926,21 +1044,27 @@ def every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
 
 
-def check_health(run: Run, loss: torch.Tensor) -> None:
-    """Decided for all ranks at once (one tiny all-reduce), so no rank is left waiting in a collective."""
+def check_health(run: Run, interval: torch.Tensor) -> None:
+    """At log, evaluation and save points (not per step: that would read the device every step), for all ranks
+    at once (one tiny all-reduce), so no rank is left waiting in a collective. `interval` sums the losses
+    since the last log point: one non-finite loss makes it non-finite."""
     acc = run.accelerator
     orphaned = run.launcher_pid is not None and os.getppid() != run.launcher_pid
-    flags = torch.tensor([float(not torch.isfinite(loss)), float(orphaned)], device=acc.device)
+    flags = torch.stack([(~torch.isfinite(interval[0])).float(), torch.tensor(float(orphaned), device=acc.device)])
     if acc.num_processes > 1:
         flags = acc.reduce(flags, reduction="sum")
     if flags[1] > 0:
+        several = acc.num_processes > int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
         raise TrainingError(
-            f"the launcher of this run is gone (parent pid {run.launcher_pid} exited); stopping at step "
+            ("lost contact with another training process: " if several else "")
+            + f"the launcher of this run is gone (parent pid {run.launcher_pid} exited"
+            + ("; it stops when another machine of the run is lost" if several else "") + f"); stopping at step "
             f"{run.state.global_step} without writing a checkpoint. Continue with train.resume=latest"
+            + (" on every machine" if several else "")
         )
     if flags[0] > 0:
         raise TrainingError(
-            f"non-finite loss at step {run.state.global_step + 1}; the last good checkpoint is in {run.ckpt_root} "
+            f"non-finite loss by step {run.state.global_step}; the last good checkpoint is in {run.ckpt_root} "
             "(lower train.lr, or train.mixed_precision=no)"
         )
 
@@ -1010,14 +1134,18 @@ def save_checkpoint(run: Run) -> None:
     acc, step = run.accelerator, run.state.global_step
     run.state.loop_seconds += t0 - run.loop_start  # loop time so far, kept across a resume (time budget)
     run.loop_start = t0
-    if acc.is_main_process:
+    if acc.is_main_process or run.keeps_node_files:
         run.ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(checkpoints.partial_dir(run.ckpt_root, step), ignore_errors=True)
     acc.wait_for_everyone()
-    acc.save_state(str(checkpoints.partial_dir(run.ckpt_root, step)))  # optimizer and RNG state are per process
+    # RNG state is per process; model, optimizer and scheduler are written by the main process, and on a
+    # node with its own disk also by its local main process (accelerate's save_on_each_node, set per node).
+    acc.save_state(str(checkpoints.partial_dir(run.ckpt_root, step)))
     acc.wait_for_everyone()
     if acc.is_main_process:
         (checkpoints.partial_dir(run.ckpt_root, step) / RESUME_KEY).write_text(json.dumps(resume_key(run)), encoding="utf-8")
+        checkpoints.finish(run.ckpt_root, step, run.state.state_dict(), run.run_dir / "adapter", run.cfg.train.keep_checkpoints)
+    elif run.keeps_node_files:  # the same checkpoint on this node's disk (no best adapter: the main node keeps it)
         checkpoints.finish(run.ckpt_root, step, run.state.state_dict(), run.run_dir / "adapter", run.cfg.train.keep_checkpoints)
     acc.wait_for_everyone()
     run.timings["checkpoint"].append(clock() - t0)
@@ -1056,10 +1184,7 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
         mean_length = (state.tokens - start_tokens) / max(state.samples - start_samples, 1)
         summary["mfu"] = mfu.report(acc, run.model, run.mixed_precision, summary["tokens_per_second"], mean_length)
     if "test" in run.eval_loaders or run.task == "multi_label":
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(acc.unwrap_model(run.model), load_file(str(run.run_dir / "adapter" / "adapter_model.safetensors")))
+        load_best_adapter(run)
     if run.task == "multi_label":
         choose_decision_thresholds(run)
         summary["thresholds"] = run.thresholds
@@ -1085,6 +1210,24 @@ def finish(run: Run, elapsed: float, start_samples: int, start_tokens: int) -> d
             shutil.rmtree(data_cache_root(cfg), ignore_errors=True)
     acc.end_training()
     return summary
+
+
+def load_best_adapter(run: Run) -> None:
+    """Every process takes the best adapter's weights: read by the main process (only its node holds the file
+    when the nodes have their own disks) and broadcast to the others."""
+    from accelerate.utils import broadcast
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    acc = run.accelerator
+    model = acc.unwrap_model(run.model)
+    if acc.is_main_process:
+        state = load_file(str(run.run_dir / "adapter" / "adapter_model.safetensors"))
+    else:
+        state = {k: torch.empty_like(v) for k, v in get_peft_model_state_dict(model).items()}
+    if acc.num_processes > 1:
+        state = {k: broadcast(v.to(acc.device).contiguous(), from_process=0).cpu() for k, v in sorted(state.items())}
+    set_peft_model_state_dict(model, state)
 
 
 def update_adapter_meta(run: Run, extra: dict[str, Any]) -> None:
@@ -1174,6 +1317,10 @@ def main(argv: list[str] | None = None) -> int:
         accelerator = make_accelerator(cfg, mixed_precision)
         lock, resume_from = claim_run_dir(cfg, accelerator)
         run = Run(cfg, accelerator, Path(cfg.output.run_dir), mixed_precision)
+        run.shared_disk = sees_main_run_dir(run.run_dir, accelerator)
+        accelerator.project_configuration.save_on_each_node = not run.shared_disk
+        node_lock, resume_from = claim_node_run_dir(cfg, run, resume_from)
+        lock = lock or node_lock
         load_data(run)
         check_resume(run, resume_from)
         build_training(run)
@@ -1187,6 +1334,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.distributed.DistBackendError as e:  # another process, or a whole node, is gone
+        print(f"error: lost contact with another training process ({str(e).splitlines()[0][:300]}); this process stops. "
+              "Start every node again with train.resume=latest to continue from the last complete checkpoint", file=sys.stderr)
         return 1
     finally:
         if lock is not None:
