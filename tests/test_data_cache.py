@@ -174,3 +174,16 @@ def test_batches_are_fetched_across_record_batches(tmp_path: Path, tokenizer, mo
     assert [it["index"] for it in items] == list(range(7))
     assert part.texts() == [rows[i][0] for i in (49, 0, 13, 7, 6, 48, 21)]
     assert part.labels().tolist() == [["World", "Sports", "Business", "Sci/Tech"].index(rows[i][1]) for i in (49, 0, 13, 7, 6, 48, 21)]
+
+
+def test_a_shared_cache_keeps_other_hosts_partial_builds(tmp_path: Path) -> None:
+    """On a cache shared by several machines, a pid means something only on its own host: a machine cleaning
+    up after its own dead builds must not remove another machine's build in progress."""
+    from trainer.data_cache import HOST, _remove_stale_partials
+
+    dead = 2**22 + 12345  # above pid_max's default: no such process here
+    mine, theirs = tmp_path / f".k.{HOST}.{dead}.partial", tmp_path / f".k.otherhost.{dead}.partial"
+    for p in (mine, theirs):
+        p.mkdir()
+    _remove_stale_partials(tmp_path, "k")
+    assert not mine.exists() and theirs.exists()

@@ -37,11 +37,11 @@ def test_the_readme_links_the_generated_references() -> None:
 
 
 def _readme_commands() -> list[list[str]]:
-    """Every trainer, export and serve_cli command line in the README's bash blocks, as argv lists."""
+    """Every trainer, export and serve_cli command line in the bash blocks of the README and docs/, as argv lists."""
     import re
     import shlex
 
-    text = (REPO / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -53,7 +53,7 @@ def _readme_commands() -> list[list[str]]:
 
 
 def test_every_readme_command_is_accepted_by_its_program() -> None:
-    """The README's commands parse as written: known flags and values, config keys that exist, typed values."""
+    """The commands of the README and docs/ parse as written: known flags and values, config keys that exist, typed values."""
     from export.to_onnx import parse_args as export_args
     from serve_cli.__main__ import parse_args as serve_args
     from trainer.config import load_config
