@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -66,10 +67,14 @@ class ApiError(Exception):
 
 @dataclass
 class Job:
-    texts: list[str]
+    texts: list[Any]
     truncate: bool
     future: asyncio.Future[Any]
     enqueued: float = field(default_factory=time.perf_counter)
+    part: bool = False  # one share of a request split across the workers: run as a batch of its own
+
+
+SPLIT_MIN_ROWS = 8  # a request of at least twice this many rows is split across the model workers
 
 
 class Metrics:
@@ -115,23 +120,37 @@ class Batcher:
         for executor in self.executors:
             executor.shutdown(wait=True)
 
-    async def submit(self, texts: list[str], truncate: bool) -> np.ndarray:
-        """Logits for `texts`, in order; 429 when the queue is full, 504 after the request timeout."""
+    async def submit(self, texts: list[Any], truncate: bool) -> np.ndarray:
+        """Logits for `texts`, in order; 429 when the queue is full, 504 after the request timeout. A large
+        request is split into one share per worker, so idle workers run it together instead of one alone
+        (the shares' rows are the same rows: with fp32 or batch-independent int8 the answers are too)."""
         if self.pending_rows + len(texts) > self.limits.max_queue:
             raise ApiError(429, f"queue full ({self.pending_rows} rows waiting, limit {self.limits.max_queue}); retry shortly",
                            "Overloaded", {"Retry-After": "1"})
-        job = Job(texts, truncate, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        shares = min(len(self.models), len(texts) // SPLIT_MIN_ROWS)
+        bounds = np.linspace(0, len(texts), max(shares, 1) + 1).astype(int).tolist()
+        jobs = [Job(texts[a:b], truncate, loop.create_future(), part=shares > 1) for a, b in itertools.pairwise(bounds)]
         self.pending_rows += len(texts)
         self.metrics.queue_rows.set(self.pending_rows)
-        await self.queue.put(job)
+        for job in jobs:
+            await self.queue.put(job)
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), self.limits.request_timeout_s)
+            results = await asyncio.wait_for(asyncio.gather(*(asyncio.shield(j.future) for j in jobs), return_exceptions=True),
+                                             self.limits.request_timeout_s)
         except TimeoutError:
-            job.future.cancel()  # the batcher skips it if it has not run yet
+            for job in jobs:
+                job.future.cancel()  # the batcher skips those that have not run yet
             raise ApiError(504, f"no answer within {self.limits.request_timeout_s:g}s", "Timeout") from None
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
+        return results[0] if len(results) == 1 else np.concatenate(results)
 
     async def _collect(self) -> list[Job]:
         jobs = [await self.queue.get()]
+        if jobs[0].part:  # a share of a split request is a batch already: the other shares go to other workers
+            return jobs
         rows = len(jobs[0].texts)
         deadline = asyncio.get_running_loop().time() + self.limits.max_wait_ms / 1000
         while rows < self.limits.max_batch_size:
@@ -145,6 +164,9 @@ class Batcher:
                     job = await asyncio.wait_for(self.queue.get(), remaining)
                 except TimeoutError:
                     break
+            if job.part:  # back in the queue for an idle worker; this batch runs as it is
+                self.queue.put_nowait(job)
+                break
             jobs.append(job)
             rows += len(job.texts)
         return jobs

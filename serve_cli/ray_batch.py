@@ -345,7 +345,9 @@ def run_job(args: argparse.Namespace) -> dict[str, Any]:
                     Predictor,
                     batch_format="pyarrow",
                     batch_size=window,  # rows sorted by length together, as the local engine
-                    compute=ray.data.ActorPoolStrategy(size=actors),
+                    # One batch in flight per actor: an actor killed by one batch (out of memory) must not take
+                    # the retries of other batches queued on it, which would then be reported as errors too.
+                    compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
                     num_cpus=args.threads_per_actor,
                     fn_constructor_kwargs={
                         "model": [model_ref], "digest": digest, "variant": variant, "threads": args.threads_per_actor,

@@ -16,6 +16,7 @@ Read `main()` for the outline and `fit()` for the loop.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -1342,6 +1343,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if lock is not None:
             lock.release()
+        # The process group is ended here, not at interpreter exit, where gloo's threads can abort the
+        # process ("terminate called without an active exception") after a run that succeeded.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            with contextlib.suppress(Exception):  # a peer already gone: nothing left to end cleanly
+                torch.distributed.destroy_process_group()
         # Accelerate keeps process-wide singletons; reset them so main() can run again in one process (tests).
         from accelerate.state import AcceleratorState, GradientState
 
