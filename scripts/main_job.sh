@@ -19,7 +19,11 @@ if [ -f "$RUN/summary.json" ]; then
   echo "== train: $RUN is complete, reusing it (delete it to retrain)"
 else
   resume=()
-  [ -d "$RUN/checkpoints" ] && ls "$RUN/checkpoints" | grep -q '^step_' && resume=(train.resume=latest)
+  if [ -d "$RUN/checkpoints" ] && ls "$RUN/checkpoints" | grep -q '^step_'; then
+    resume=(train.resume=latest)
+  elif [ -d "$RUN" ]; then
+    resume=(output.overwrite=true)   # cut before its first checkpoint: start it again (only a dir loraship wrote)
+  fi
   echo "== train: $RUN"
   .venv/bin/accelerate launch --config_file configs/accelerate/cpu_1proc.yaml --num_cpu_threads_per_process "$(nproc)" \
     trainer/train.py --config configs/agnews_minilm.yaml "output.run_dir=$RUN" "${resume[@]}"

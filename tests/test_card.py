@@ -14,7 +14,7 @@ def _card(path: Path):
     return ModelCard(path.read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize("which", ["exported", "ml_exported"])
+@pytest.mark.parametrize("which", ["exported", "ml_exported", "pair_exported", "reg_exported"])
 def test_every_exported_dir_has_a_card_whose_figures_are_the_reports(which: str, request: pytest.FixtureRequest) -> None:
     onnx: Path = request.getfixturevalue(which)
     report = json.loads((onnx / "export_report.json").read_text())
@@ -46,3 +46,14 @@ def test_a_multi_label_card_lists_the_thresholds(ml_exported: Path) -> None:
     assert "| label | threshold |" in text and "multi-label" in text
     for name, t in thresholds["per_label"].items():
         assert f"| {name} | {t:.2f} |" in text
+
+
+def test_a_regression_pair_card_says_the_inputs_the_scale_and_how_to_undo_it(reg_exported: Path) -> None:
+    text = (reg_exported / "README.md").read_text()
+    config = json.loads((reg_exported / "config.json").read_text())
+    target = config["loraship_target"]
+    assert "sentence-pair regression model" in text and "`sentence_A` and `sentence_B`" in text
+    assert f"mean {target['mean']:.4g} and standard deviation {target['std']:.4g}" in text
+    assert 'tok.encode("a text", "its pair")' in text and "Training target `score`" in text
+    merged = (reg_exported.parent / "merged" / "README.md").read_text()
+    assert "loraship_target['std']" in merged and '["a text"], ["its pair"]' in merged

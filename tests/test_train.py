@@ -180,3 +180,14 @@ def test_an_exported_accelerate_variable_does_not_make_a_plain_run_a_launched_wo
     assert launched_by_accelerate() is False
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     assert launched_by_accelerate() is True
+
+
+def test_tensorboard_logs_survive_the_start_of_a_run(tiny_bert: Path, toy_data: Path, tmp_path: Path) -> None:
+    """The TensorBoard writer starts after the run dir is claimed and cleared: a run (fresh, or replacing an old
+    one) must not delete the event file it is about to write (the main job died of it)."""
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    for extra in ((), ("output.overwrite=true",)):
+        assert main(tiny_args(tiny_bert, toy_data, run, "output.tensorboard=true", "train.log_every=1", *extra)) == 0
+        events = list((run / "tb").rglob("events.out.tfevents.*"))
+        assert len(events) == 1 and events[0].stat().st_size > 100

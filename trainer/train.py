@@ -626,6 +626,8 @@ def start_run(run: Run, resume_from: Path | None) -> None:
             checkpoints.remove_partials(run.ckpt_root)
         mark_owned(run.run_dir, "run dir (this node's checkpoint files)")
     acc.wait_for_everyone()
+    if cfg.output.tensorboard and acc.log_with:
+        acc.init_trackers("tb")  # only now: the run dir was cleared above, event file included
 
 
 # Settings a resumed run may change: where things go, how often it logs and saves, how long it trains.
@@ -820,8 +822,6 @@ def build_training(run: Run) -> None:
     prepared = accelerator.prepare(model, optimizer, scheduler, loaders["train"], *[loaders[n] for n in eval_names])
     run.model, run.optimizer, run.scheduler, run.train_loader = prepared[:4]
     run.eval_loaders = dict(zip(eval_names, prepared[4:], strict=True))
-    if cfg.output.tensorboard and accelerator.log_with:
-        accelerator.init_trackers("tb")
 
 
 def param_groups(model: torch.nn.Module, t: TrainConfig, head_scale: float) -> list[dict[str, Any]]:
