@@ -31,7 +31,8 @@ fi
 
 echo "== export: $RUN/merged, $RUN/onnx"
 # int8 method and default variant chosen on the run's validation split; the test split is measured next.
-.venv/bin/python -m export.to_onnx --run "$RUN"
+# --eval-file: the test figures of fp32 and int8 go into export_report.json and the model card.
+.venv/bin/python -m export.to_onnx --run "$RUN" --eval-file "$DATA/test.jsonl"
 
 echo "== evaluate: $RUN/eval/report.md"
 .venv/bin/serve_cli eval --model "$RUN/onnx" --input "$DATA/test.jsonl" --report-dir "$RUN/eval" \

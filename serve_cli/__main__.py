@@ -119,6 +119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sv.add_argument("--max-client-batch-size", type=positive, default=256, help="inputs in one request (more: 413)")
     sv.add_argument("--payload-limit", type=positive, default=2_000_000, help="bytes in one request body (more: 413)")
     sv.add_argument("--request-timeout", type=float, default=30.0, help="seconds before a request gets 504")
+    sv.add_argument("--no-share-with-idle", action="store_true",
+                    help="a worker runs every request it collected, even while other workers idle (default: it keeps "
+                    "an even share and hands the rest to the idle workers)")
     sv.add_argument("--log-texts", action="store_true", help="log request texts (off: only method, path, status, rows, ms)")
     sv.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     args = p.parse_args(argv)
@@ -147,7 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InputError(f"serve needs the server extra ({e.name} is missing): pip install 'loraship[serve]'") from e
     limits = Limits(max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                     max_padding=args.max_padding, max_queue=args.max_queue, max_client_batch_size=args.max_client_batch_size,
-                    payload_limit=args.payload_limit, request_timeout_s=args.request_timeout)
+                    payload_limit=args.payload_limit, request_timeout_s=args.request_timeout,
+                    share_with_idle=not args.no_share_with_idle)
     return serve(args.model, args.variant, args.host, args.port, args.threads, args.workers, limits, args.log_texts, args.log_level)
 
 

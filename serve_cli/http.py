@@ -57,6 +57,9 @@ class Limits:
     max_client_batch_size: int = 256  # inputs in one request
     payload_limit: int = 2_000_000  # bytes of one request body
     request_timeout_s: float = 30.0  # a request not answered by then gets 504
+    # A worker that collected several requests while others sat idle keeps its share and hands the rest
+    # back, so the idle workers run them at the same time instead of after (the tail of the latency).
+    share_with_idle: bool = True
 
 
 class ApiError(Exception):
@@ -107,6 +110,7 @@ class Batcher:
         self.pending_rows = 0
         self.executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnx{i}") for i in range(len(models))]
         self.tasks: list[asyncio.Task[None]] = []
+        self.idle = 0  # workers waiting for a first request
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -148,7 +152,11 @@ class Batcher:
         return results[0] if len(results) == 1 else np.concatenate(results)
 
     async def _collect(self) -> list[Job]:
-        jobs = [await self.queue.get()]
+        self.idle += 1
+        try:
+            jobs = [await self.queue.get()]
+        finally:
+            self.idle -= 1
         if jobs[0].part:  # a share of a split request is a batch already: the other shares go to other workers
             return jobs
         rows = len(jobs[0].texts)
@@ -169,7 +177,21 @@ class Batcher:
                 break
             jobs.append(job)
             rows += len(job.texts)
-        return jobs
+        return self._share(jobs, rows)
+
+    def _share(self, jobs: list[Job], rows: int) -> list[Job]:
+        """With workers idle, keep an even share of the collected rows and queue the rest again for them."""
+        if not (self.limits.share_with_idle and self.idle and len(jobs) > 1):
+            return jobs
+        share = -(-rows // (self.idle + 1))
+        kept, n = [], 0
+        for job in jobs:
+            if kept and n >= share:
+                self.queue.put_nowait(job)  # an idle worker, waiting in get(), takes it at once
+            else:
+                kept.append(job)
+                n += len(job.texts)
+        return kept
 
     async def _loop(self, clf: OnnxClassifier, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()

@@ -393,3 +393,24 @@ def test_a_large_request_is_shared_by_the_idle_workers(exported: Path) -> None:
     got = np.array([[{x["label"]: x["score"] for x in r}[n] for n in workers[0].labels] for r in body])
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert len(small) == 15
+
+
+def test_a_worker_hands_requests_beyond_its_share_to_idle_workers() -> None:
+    """8 single-text requests collected by one worker while another idles: it keeps 4 and queues 4 again (in
+    order), so both run at once; with no idle worker, or switched off, it keeps all."""
+    import serve_cli.http as http
+
+    async def scenario(idle: int, share: bool) -> tuple[int, list[str]]:
+        batcher = http.Batcher([object(), object()], http.Limits(share_with_idle=share), http.Metrics())  # type: ignore[list-item]
+        loop = asyncio.get_running_loop()
+        jobs = [http.Job([f"t{i}"], True, loop.create_future()) for i in range(8)]
+        batcher.idle = idle
+        kept = batcher._share(jobs, 8)
+        handed = [batcher.queue.get_nowait().texts[0] for _ in range(batcher.queue.qsize())]
+        for ex in batcher.executors:
+            ex.shutdown()
+        return len(kept), handed
+
+    assert asyncio.run(scenario(1, True)) == (4, ["t4", "t5", "t6", "t7"])
+    assert asyncio.run(scenario(0, True)) == (8, [])
+    assert asyncio.run(scenario(1, False)) == (8, [])
