@@ -48,9 +48,10 @@ class Limits:
     """Defaults sized for a 2-core machine (see the README's serving benchmark)."""
 
     max_batch_tokens: int = 16384  # padded tokens in one ONNX run (rows x longest row)
-    # Rows merged into one batch. 32, not 64: with two workers, 64 clients then fill two batches, so one
-    # worker runs while the other's batch forms (64: one batch took every client and the other worker idled).
-    max_batch_size: int = 32
+    # Rows merged into one batch (and per sub-batch): small batches keep both workers busy and a late request
+    # waits for a short batch only; row-wise int8 on one thread is no slower per row in batches of 4 (measured
+    # in benchmarks/serve_http.py: ours vs ours-batch32).
+    max_batch_size: int = 4
     max_wait_ms: float = 2.0  # how long the first request of an idle batcher waits for company
     max_padding: float = 0.25  # a sub-batch ends where padding would pass this share of its tokens (1 = no limit)
     max_queue: int = 2048  # rows waiting before new requests get 429

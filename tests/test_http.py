@@ -88,7 +88,7 @@ def test_endpoints(fp32_server: Server, exported: Path) -> None:
     info = httpx.get(f"{url}/info").json()
     assert info["labels"] == ["Business", "Sci/Tech", "Sports", "World"] and info["variant"] == "fp32"
     assert info["max_length"] == 32 and info["limits"]["max_client_batch_size"] == 256 and info["version"]
-    assert info["limits"]["max_batch_size"] == 32 and info["workers"] * info["threads_per_worker"] >= 1
+    assert info["limits"]["max_batch_size"] == 4 and info["workers"] * info["threads_per_worker"] >= 1
     assert info["model"] == exported.name and str(exported.parent) not in json.dumps(info), "no server paths in /info"
     assert httpx.get(f"{url}/docs").status_code == 200 and "/predict" in httpx.get(f"{url}/openapi.json").text
     page = httpx.get(f"{url}/")
