@@ -11,6 +11,7 @@ import numpy as np
 
 from loraship.rows import input_record
 from loraship.task import Task
+from serve_cli.plots import save_plot
 
 SUMMARY = ("f1_micro", "f1_macro", "f1_weighted", "f1_samples", "accuracy", "hamming_loss", "jaccard_samples")
 
@@ -35,26 +36,17 @@ def write_report(tmp: Path, task: Task, texts: list[str], y: np.ndarray, results
 def plot_per_label_f1(report: dict[str, Any], path: Path) -> str | None:
     """A horizontal bar per label (F1), sorted, with its support: which labels the model gets and which not.
     Returns None when plotted, else why not (the report is kept either way)."""
-    try:
-        import matplotlib
+    rows = sorted(report["per_label"].items(), key=lambda kv: kv[1]["f1"])
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = sorted(report["per_label"].items(), key=lambda kv: kv[1]["f1"])
-        fig, ax = plt.subplots(figsize=(8, min(0.28 * len(rows) + 1.5, 60)))
+    def draw(ax: Any) -> None:
         ax.barh([f"{n} ({c['support']})" for n, c in rows], [c["f1"] for _, c in rows], color="#4878a8")
         ax.axvline(report["f1_macro"], color="#c44e52", linestyle="--", label=f"macro F1 {report['f1_macro']:.3f}")
         ax.set_xlim(0, 1)
         ax.set_xlabel("F1 (label, test support)")
         ax.set_title(f"Per-label F1, {Path(report['model']).name} ({report['variant']})")
         ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-    except Exception as e:  # a plot is never worth the report
-        return f"the plot failed ({type(e).__name__}: {e})"
-    return None
+
+    return save_plot(path, (8, min(0.28 * len(rows) + 1.5, 60)), draw)
 
 
 def markdown(main: dict[str, Any], compare: list[dict[str, Any]], extra: dict[str, Any], input_path: str, no_plot: str | None,

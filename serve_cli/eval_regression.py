@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from loraship.rows import input_record
+from serve_cli.plots import save_plot
 
 SUMMARY = ("pearson", "spearman", "mse", "rmse", "mae")
 
@@ -31,13 +32,7 @@ def write_report(tmp: Path, texts: list[Any], y: np.ndarray, results: list[dict[
 def plot_scatter(y: np.ndarray, pred: np.ndarray, report: dict[str, Any], path: Path) -> str | None:
     """Predicted against true, one dot per row, with the diagonal (a perfect model) and the figures. Returns
     None when plotted, else why not (the report is kept either way)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.5, 6))
+    def draw(ax: Any) -> None:
         ax.scatter(y, pred, s=6, alpha=0.35, color="#4878a8", linewidths=0)
         lo, hi = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
         ax.plot([lo, hi], [lo, hi], color="#c44e52", linestyle="--", linewidth=1, label="predicted = true")
@@ -47,12 +42,8 @@ def plot_scatter(y: np.ndarray, pred: np.ndarray, report: dict[str, Any], path: 
         ax.set_title(f"{name} ({report['variant']}): Pearson {report['pearson']:.3f}, "
                      f"Spearman {report['spearman']:.3f}, MAE {report['mae']:.3f}", fontsize=10)
         ax.legend(loc="upper left")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-    except Exception as e:  # a plot is never worth the report
-        return f"the plot failed ({type(e).__name__}: {e})"
-    return None
+
+    return save_plot(path, (6.5, 6), draw)
 
 
 def markdown(main: dict[str, Any], compare: list[dict[str, Any]], extra: dict[str, Any], input_path: str, no_plot: str | None,

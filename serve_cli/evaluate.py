@@ -23,6 +23,7 @@ from loraship.labels import LabelMap, UnknownLabel, number
 from loraship.rows import InputError, RowError, input_record
 from loraship.task import Task
 from serve_cli.io import AtomicOutput, RowFailure, error_record, fail_fast
+from serve_cli.plots import save_plot
 from serve_cli.runtime import VARIANT_FILES, OnnxClassifier, input_fields, proba_in_order
 
 
@@ -59,14 +60,8 @@ def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) ->
     n = len(labels)
     if n > PLOT_MAX_LABELS:
         return f"{n} labels: too many for a legible plot"
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        side = min(1.2 * n + 2.5, 40.0)  # inches, capped: matplotlib refuses images past 2**16 pixels a side
-        fig, ax = plt.subplots(figsize=(side, side))
+    def draw(ax: Any) -> None:
         ax.imshow(cm, cmap="Blues")
         if n <= PLOT_TICKS_UP_TO:
             ax.set_xticks(range(n), labels, rotation=45 if n <= PLOT_NUMBERS_UP_TO else 90, ha="right",
@@ -80,12 +75,9 @@ def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) ->
             for i in range(cm.shape[0]):
                 for j in range(cm.shape[1]):
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > top / 2 else "black")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-    except Exception as e:  # matplotlib's limits vary by version and backend
-        return f"the plot failed ({type(e).__name__}: {e})"
-    return None
+
+    side = min(1.2 * n + 2.5, 40.0)  # inches, capped: matplotlib refuses images past 2**16 pixels a side
+    return save_plot(path, (side, side), draw)
 
 
 def markdown_report(main_report: dict[str, Any], rows: list[dict[str, Any]], extra: dict[str, Any], input_path: str, unknown: int,

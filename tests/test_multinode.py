@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, make_texts, tiny_args, write_jsonl
+from tests.test_distributed import launch
 
 ARGS = ("train.batch_size=4", "train.eval_batch_size=4", "train.epochs=2", "train.save_every=5", "train.keep_checkpoints=3",
         "data.validation=val.jsonl", "data.test=test.jsonl", "train.collective_timeout_seconds=30")
@@ -75,10 +76,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def one_node_two_procs(tiny_bert: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("mn-ref") / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
-           str(REPO / "trainer" / "train.py"), *tiny_args(tiny_bert, data, run, *ARGS)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    res = launch("cpu_2proc.yaml", tiny_args(tiny_bert, data, run, *ARGS))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return run
 

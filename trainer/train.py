@@ -244,63 +244,47 @@ def load_splits(run: Run) -> dict[str, str]:
     train, status = split(data_cfg.train)
     report = {"train": status}
     run.task, run.task_why = resolve_task(data_cfg, train.info)
+    assign, strata = target_map(run, train)
+    assign(train)
+    splits: dict[str, TokenizedSplit] = {}
+    if data_cfg.validation:
+        splits["validation"], report["validation"] = split(data_cfg.validation)
+        assign(splits["validation"])
+        train_idx = np.arange(len(train))
+    else:
+        train_idx, val_idx = stratified_split(strata(train.labels()), data_cfg.validation_fraction, cfg.train.seed)
+        splits["validation"] = train.select(val_idx)
+    if data_cfg.max_train_samples:
+        rng = np.random.default_rng(cfg.train.seed)
+        train_idx = np.sort(rng.permutation(train_idx)[: data_cfg.max_train_samples])
+    splits["train"] = train.select(train_idx)
+    if data_cfg.test:
+        splits["test"], report["test"] = split(data_cfg.test)
+        assign(splits["test"])
+    run.splits = splits
     if run.task == REGRESSION:
-        return load_regression_splits(run, train, split, report)
+        y = splits["train"].labels().astype(np.float64)
+        if len(y) < 2 or y.std() == 0:
+            raise DataError(f"{train.source}: the regression target {data_cfg.label_field!r} takes a single value; nothing to learn")
+        # the scale the model learns in and serving undoes
+        run.target = {"name": data_cfg.label_field, "mean": float(y.mean()), "std": float(y.std())}
+    return report
+
+
+def target_map(run: Run, train: TokenizedSplit) -> tuple[Any, Any]:
+    """(assign, strata) for the run's task; sets run.labels. assign(split) gives a split its targets: label ids,
+    0/1 rows (multi-label) or numbers (regression, one output named after the target field); strata(y) are
+    what a carved validation split is stratified on (the label, the rarest label, the target's decile)."""
+    data_cfg = run.cfg.data
+    if run.task == REGRESSION:
+        run.labels = [data_cfg.label_field]
+        return (lambda s: s.assign_targets()), target_deciles
     multi = run.task == "multi_label"
-    given = data_cfg.labels or list(data_cfg.label_fields)
-    label2id = label_map(train.info["labels"], given, train.source)
+    label2id = label_map(train.info["labels"], data_cfg.labels or list(data_cfg.label_fields), train.source)
     run.labels = label2id.names
     if len(run.labels) < 2:
         raise DataError(f"{train.source}: found a single label {run.labels}; a classifier needs at least two")
-    train.assign_labels(label2id, multi)
-    splits: dict[str, TokenizedSplit] = {}
-    if data_cfg.validation:
-        splits["validation"], report["validation"] = split(data_cfg.validation)
-        splits["validation"].assign_labels(label2id, multi)
-        train_idx = np.arange(len(train))
-    else:
-        strata = rarest_label(train.labels()) if multi else train.labels()
-        train_idx, val_idx = stratified_split(strata, data_cfg.validation_fraction, cfg.train.seed)
-        splits["validation"] = train.select(val_idx)
-    if data_cfg.max_train_samples:
-        rng = np.random.default_rng(cfg.train.seed)
-        train_idx = np.sort(rng.permutation(train_idx)[: data_cfg.max_train_samples])
-    splits["train"] = train.select(train_idx)
-    if data_cfg.test:
-        splits["test"], report["test"] = split(data_cfg.test)
-        splits["test"].assign_labels(label2id, multi)
-    run.splits = splits
-    return report
-
-
-def load_regression_splits(run: Run, train: TokenizedSplit, split: Any, report: dict[str, str]) -> dict[str, str]:
-    """load_splits for a numeric target: numbers per row, one output named after the target field, and the
-    scale (the training targets' mean and standard deviation) the model learns in and serving undoes.
-    A carved validation split is stratified by the target's deciles."""
-    cfg, data_cfg = run.cfg, run.cfg.data
-    run.labels = [data_cfg.label_field]
-    train.assign_targets()
-    splits: dict[str, TokenizedSplit] = {}
-    if data_cfg.validation:
-        splits["validation"], report["validation"] = split(data_cfg.validation)
-        splits["validation"].assign_targets()
-        train_idx = np.arange(len(train))
-    else:
-        train_idx, val_idx = stratified_split(target_deciles(train.labels()), data_cfg.validation_fraction, cfg.train.seed)
-        splits["validation"] = train.select(val_idx)
-    if data_cfg.max_train_samples:
-        rng = np.random.default_rng(cfg.train.seed)
-        train_idx = np.sort(rng.permutation(train_idx)[: data_cfg.max_train_samples])
-    splits["train"] = train.select(train_idx)
-    if data_cfg.test:
-        splits["test"], report["test"] = split(data_cfg.test)
-        splits["test"].assign_targets()
-    y = splits["train"].labels().astype(np.float64)
-    if len(y) < 2 or y.std() == 0:
-        raise DataError(f"{train.source}: the regression target {data_cfg.label_field!r} takes a single value; nothing to learn")
-    run.target = {"name": data_cfg.label_field, "mean": float(y.mean()), "std": float(y.std())}
-    run.splits = splits
-    return report
+    return (lambda s: s.assign_labels(label2id, multi)), (rarest_label if multi else (lambda y: y))
 
 
 def target_deciles(y: np.ndarray) -> np.ndarray:
@@ -570,28 +554,20 @@ def claim_node_run_dir(cfg: Config, run: Run, resume_from: Path | None) -> tuple
                            "exists; pass train.resume=latest to continue it or output.overwrite=true to replace it")
         except OutputError as e:
             problem = str(e)
-        steps = [n for n, _ in checkpoints.scan(run.ckpt_root)[0]]
-    elif acc.is_main_process:
+    if run.keeps_node_files or acc.is_main_process:
         steps = [n for n, _ in checkpoints.scan(run.ckpt_root)[0]]
     try:
         agree(acc, problem)
-    except TrainingError:
-        if lock is not None:
-            lock.release()
-        raise
-    if resume_from is not None and cfg.train.resume == "latest":
-        # the newest step complete on the main node and on every node with its own disk
-        found = [set(x) for x in gather_object([steps]) if x is not None]
-        common = [max(set.intersection(*found))] if found and set.intersection(*found) else [None]
-        broadcast_object_list(common)
-        if common[0] is None:
-            if lock is not None:
-                lock.release()
-            raise TrainingError(f"train.resume=latest: no checkpoint is complete on every node (looked in {run.ckpt_root})")
-        resume_from = checkpoints.checkpoint_dir(run.ckpt_root, common[0])
-    if resume_from is not None and run.keeps_node_files and not (resume_from / checkpoints.STATE_FILE).is_file():
-        problem = f"{resume_from}: not on this node; every node needs its own copy of the checkpoint to resume"
-    try:
+        if resume_from is not None and cfg.train.resume == "latest":
+            # the newest step complete on the main node and on every node with its own disk
+            found = [set(x) for x in gather_object([steps]) if x is not None]
+            common = [max(set.intersection(*found))] if found and set.intersection(*found) else [None]
+            broadcast_object_list(common)
+            if common[0] is None:
+                raise TrainingError(f"train.resume=latest: no checkpoint is complete on every node (looked in {run.ckpt_root})")
+            resume_from = checkpoints.checkpoint_dir(run.ckpt_root, common[0])
+        if resume_from is not None and run.keeps_node_files and not (resume_from / checkpoints.STATE_FILE).is_file():
+            problem = f"{resume_from}: not on this node; every node needs its own copy of the checkpoint to resume"
         agree(acc, problem)
     except TrainingError:
         if lock is not None:
