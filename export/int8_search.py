@@ -15,10 +15,12 @@ fine: 99.8%) and only held-out texts show its flips (96-98%).
 
 Candidates. Batch-independent ones first (a row's answer never depends on its batch mates), the dynamic
 ones only when none of those qualifies (or first with --allow-batch-dependent):
-1. `rowwise`: export/rowwise.py, every linear layer with a weight in int8 with one activation scale per
-   token row (so each row is computed from itself alone; integer products are exact), per-channel weights;
-2. `static`: static QDQ int8, activation ranges calibrated (MinMax) on training texts, per-channel weights;
-3. `static-keep-N`: the same with the N most sensitive layers kept in fp32;
+1. `static`: export/rowwise.py, every linear layer with a weight in int8 with one fixed activation scale and
+   zero point per layer input, calibrated (min/max) on training texts, per-channel weights: the fastest int8;
+2. `static-rowwise-N`: the same with the N most sensitive layers given row-wise scales instead;
+3. `rowwise`: every linear layer with one activation scale per token row (about twice as precise as a fixed
+   scale, and slower: the scales are computed at run time);
+   in all three each row is computed from itself alone (integer products are exact);
 4. `dynamic`: onnxruntime dynamic int8, per-channel weights, every linear layer with a weight (MatMul, Gemm)
    and the embedding tables (activation scales per batch: results depend slightly on batch mates);
    attention's activation x activation products stay fp32;
@@ -37,7 +39,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,11 @@ from loraship.task import Task
 @dataclass
 class Candidate:
     name: str
-    method: str  # "dynamic" or "static"
+    method: str  # "static", "rowwise" or "dynamic"
     smooth: bool = False
-    keep: int = 0  # this many of the most sensitive layers stay fp32 (filled into `exclude` when built)
-    exclude: list[str] = field(default_factory=list)
+    keep: int = 0  # this many of the most sensitive layers stay fp32 (dynamic) or get row-wise scales (static)
+    exclude: list[str] = field(default_factory=list)  # layers kept in fp32
+    rowwise: list[str] = field(default_factory=list)  # static candidates: layers with row-wise scales
     accuracy: float | None = None
     drop_points: float | None = None  # labelled validation accuracy, fp32 minus int8
     expected_drop_points: float | None = None  # on the validation texts, fp32's probabilities as soft labels
@@ -126,44 +128,21 @@ def sensitivity(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarr
     return sorted(scores, key=lambda x: -x[1])
 
 
-class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over prepared feeds."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self.feeds: Iterator[dict[str, np.ndarray]] = iter(feeds)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.feeds, None)
-
-    def rewind(self) -> None:  # not needed: each static candidate gets a fresh reader
-        pass
-
-
 def build(src: Path, dst: Path, cand: Candidate, feeds: list[dict[str, np.ndarray]]) -> None:
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from export.rowwise import calibrated_ranges, quantize_rowwise
 
     if cand.method == "rowwise":
-        from export.rowwise import quantize_rowwise
-
         quantize_rowwise(src, dst, cand.exclude)
         return
-    nodes = quantizable(src, cand.exclude)
-    if cand.method == "dynamic":
-        # The int8 embedding table (Gather) makes the file a quarter of fp32's (AG News: 23 MB instead of 59 MB).
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=[*QUANTIZED_OPS, "Gather"],
-                         nodes_to_quantize=nodes, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    if cand.method == "static":
+        quantize_rowwise(src, dst, cand.exclude, static=calibrated_ranges(src, feeds), rowwise=cand.rowwise)
         return
-    quantize_static(str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    # The int8 embedding table (Gather) makes the file a quarter of fp32's (AG News: 23 MB instead of 59 MB).
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=[*QUANTIZED_OPS, "Gather"],
+                     nodes_to_quantize=quantizable(src, cand.exclude), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def measure(model_dir: Path, variant: str, texts: list[str], threads: int) -> tuple[np.ndarray, float]:
@@ -179,12 +158,12 @@ BATCH_INDEPENDENT = ("rowwise", "static")  # methods whose answer for a row does
 
 
 def plan(methods: tuple[str, ...], keep: int, allow_batch_dependent: bool = False) -> list[Candidate]:
-    """Every candidate of the allowed methods. By default the batch-independent ones come first (row-wise, then
-    static) and the dynamic ones are tried only when none of those qualifies; with `allow_batch_dependent`,
+    """Every candidate of the allowed methods. By default the batch-independent ones come first (static, static
+    with the most sensitive layers row-wise, row-wise) and the dynamic ones are tried only when none of those qualifies; with `allow_batch_dependent`,
     fastest first (the dynamic ones lead)."""
     dynamic = [Candidate("dynamic", "dynamic"), Candidate("dynamic-smooth", "dynamic", smooth=True),
                Candidate(f"dynamic-smooth-keep-{keep}", "dynamic", smooth=True, keep=keep)]
-    independent = [Candidate("rowwise", "rowwise"), Candidate("static", "static"), Candidate(f"static-keep-{keep}", "static", keep=keep)]
+    independent = [Candidate("static", "static"), Candidate(f"static-rowwise-{keep}", "static", keep=keep), Candidate("rowwise", "rowwise")]
     out = dynamic + independent if allow_batch_dependent else independent + dynamic
     return [c for c in out if c.method in methods and (c.keep == 0 or keep > 0)]
 
@@ -256,7 +235,7 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
     sources = {False: onnx_dir / "model.onnx", True: work / "smoothed.onnx"}
     tried: list[Candidate] = []
     chosen: Candidate | None = None
-    scores: list[tuple[str, float]] = []
+    scores: dict[str, list[tuple[str, float]]] = {}  # the candidate a keep-N one starts from -> its ranking
     try:
         for cand in plan(methods, keep, allow_batch_dependent):
             t0 = time.perf_counter()
@@ -267,8 +246,12 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
                 # Sensitivity of the same candidate without exclusions, built just before in the plan.
                 base = next(c for c in tried if c.method == cand.method and c.smooth == cand.smooth and not c.keep)
                 ranked = sensitivity(src, work / f"{base.name}.onnx", feeds)
-                cand.exclude = [name for name, score in ranked[: cand.keep] if score > 0]
-                scores = scores or ranked  # the report shows the first ranking computed
+                sensitive = [name for name, score in ranked[: cand.keep] if score > 0]
+                if cand.method == "static":
+                    cand.rowwise = sensitive
+                else:
+                    cand.exclude = sensitive
+                scores[base.name] = ranked
             path = work / f"{cand.name}.onnx"
             build(src, path, cand, [dict(f) for f in feeds])
             shutil.copy(path, onnx_dir / INT8_FILE)
@@ -301,7 +284,7 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
                      "labelled validation drop <= max + 2 standard errors (2 sqrt(rows changed) / rows; multi-label: "
                      "2 sqrt(label decisions changed) / positive labels)",
         "fp32": {"accuracy": sel.fp32_accuracy, "rows_per_second": sel.fp32_rate},
-        "sensitivity": [{"node": n, "added_relative_error": s} for n, s in scores[:8]],
+        "sensitivity": {base: [{"node": n, "added_relative_error": s} for n, s in ranked[:8]] for base, ranked in scores.items()},
         "candidates": [asdict(c) | {"batch_independent": c.batch_independent} for c in tried],
         "batch_independent": bool(chosen and chosen.batch_independent),
         "chosen": chosen.name if chosen else None,

@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--int8-try-all", action="store_true", help="measure every int8 candidate, not only up to the first that qualifies")
     p.add_argument("--allow-batch-dependent", action="store_true",
                    help="let the int8 search prefer dynamic int8 (faster; a row's answer then depends slightly on its "
-                   "batch mates). Default: batch-independent candidates (row-wise, static) first, dynamic only when "
+                   "batch mates). Default: batch-independent candidates (static, static with row-wise layers, row-wise) first, dynamic only when "
                    "none of them keeps accuracy")
     p.add_argument("--int8-static-only", action="store_true",
                    help="only static int8 candidates: predictions that do not depend on batch mates (a server mixing users)")

@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "one the model was trained on)")
         sp.add_argument("--variant", choices=sorted(VARIANT_FILES), help="model variant (default: the export's default)")
         sp.add_argument("--batch-size", type=positive, default=DEFAULT_BATCH_SIZE,
-                        help="rows per ONNX run (int8 results depend slightly on batching: activation scales are per batch)")
+                        help="rows per ONNX run (a dynamic int8 model's results depend slightly on batching; fp32 and the "
+                        "batch-independent int8 ones do not)")
         sp.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores)")
         sp.add_argument("--max-length", type=int, default=0, help="truncate to N tokens (0 = the training max_length)")
         sp.add_argument("--on-error", choices=("fail", "skip", "record"),

@@ -58,7 +58,7 @@ def test_search_keeps_the_sensitive_matmul_in_fp32(outlier_run: Path, tmp_path: 
     search = report["int8_search"]
     by_name = {c["name"]: c for c in search["candidates"]}
     assert by_name["dynamic"]["drop_points"] > 5, "plain dynamic int8 fails the criterion on this model"
-    assert search["sensitivity"][0]["node"] == SENSITIVE, "the outlier's MatMul is found as the most sensitive"
+    assert search["sensitivity"]["dynamic-smooth"][0]["node"] == SENSITIVE, "the outlier's MatMul is found as the most sensitive"
     kept = by_name["dynamic-smooth-keep-4"]
     assert SENSITIVE in kept["exclude"] and kept["drop_points"] <= 5, "keeping it in fp32 brings dynamic int8 back"
     assert by_name[search["chosen"]]["drop_points"] <= 5 and report["default_variant"] == "int8"
@@ -77,7 +77,7 @@ def test_info_shows_the_chosen_method(outlier_run: Path, tmp_path: Path, capsys:
     info = json.loads(capsys.readouterr().out)
     report = json.loads((out / "export_report.json").read_text())
     assert info["quantization"] == report["int8_search"]["chosen"] and info["quantization"] != "dynamic"
-    assert info["int8_batch_independent"] == (info["quantization"] in ("rowwise", "static", "static-keep-4"))
+    assert info["int8_batch_independent"] == (info["quantization"] in ("rowwise", "static", "static-rowwise-4"))
     assert info["default_variant"] == "int8" and info["int8_search"]["selected_on"] == "validation"
 
 
@@ -164,27 +164,37 @@ def test_smoothing_keeps_the_fp32_function(outlier_run: Path, tmp_path: Path) ->
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
 
 
-def test_rowwise_int8_gives_a_row_the_same_answer_whatever_its_batch(exported: Path, tmp_path: Path) -> None:
-    """One activation scale per token row and exact integer products: a text's probabilities are bit-identical
-    alone, in a batch, in another order; and close to fp32's."""
+@pytest.mark.parametrize("kind", ["rowwise", "static", "mixed"])
+def test_batch_independent_int8_gives_a_row_the_same_answer_whatever_its_batch(exported: Path, tmp_path: Path, kind: str) -> None:
+    """Row-wise scales (one per token row), static ones (fixed, calibrated) or both in one graph, with exact
+    integer products: a text's probabilities are bit-identical alone, in a batch, in another order; and close
+    to fp32's."""
     import shutil
 
     import numpy as np
+    import onnx
 
-    from export.rowwise import quantize_rowwise
+    from export.int8_search import calibration_feeds
+    from export.rowwise import calibrated_ranges, quantize_rowwise, weight_layers
     from serve_cli.runtime import OnnxClassifier, proba_in_order
     from tests.conftest import make_texts
 
     d = tmp_path / "onnx"
     shutil.copytree(exported, d)
-    assert quantize_rowwise(exported / "model.onnx", d / "model_quantized.onnx"), "no layer was quantized"
-    clf = OnnxClassifier(d, variant="int8")
     texts = [t for t, _ in make_texts(120, seed=31, min_words=1, max_words=30)]
+    fp32_clf = OnnxClassifier(d, variant="fp32")
+    layers = [n.name for n in weight_layers(onnx.load(str(exported / "model.onnx")).graph)]
+    static = None if kind == "rowwise" else calibrated_ranges(exported / "model.onnx", calibration_feeds(fp32_clf, texts[60:]))
+    rowwise = layers[::3] if kind == "mixed" else []
+    assert quantize_rowwise(exported / "model.onnx", d / "model_quantized.onnx", static=static, rowwise=rowwise) == layers
+    row_scaled = sum(n.op_type == "ReduceMax" for n in onnx.load(str(d / "model_quantized.onnx")).graph.node)
+    assert row_scaled == {"rowwise": len(layers), "static": 0, "mixed": len(rowwise)}[kind]
+    clf = OnnxClassifier(d, variant="int8")
     batched = proba_in_order(clf, texts, batch_size=32)
     perm = np.random.default_rng(0).permutation(len(texts))
     shuffled = np.empty_like(batched)
     shuffled[perm] = proba_in_order(clf, [texts[i] for i in perm], batch_size=7)
     alone = np.stack([clf.predict_proba([t])[0] for t in texts[:20]])
     assert np.array_equal(batched, shuffled) and np.array_equal(batched[:20], alone)
-    fp32 = proba_in_order(OnnxClassifier(d, variant="fp32"), texts)
+    fp32 = proba_in_order(fp32_clf, texts)
     assert np.abs(batched - fp32).max() < 0.05 and (batched.argmax(-1) == fp32.argmax(-1)).mean() >= 0.95
