@@ -25,6 +25,7 @@ from loraship.rows import FORMATS, InputError
 from serve_cli.io import RowFailure
 from serve_cli.runtime import (
     DEFAULT_BATCH_SIZE,
+    MAX_PADDING,
     VARIANT_FILES,
     ModelDirError,
 )
@@ -114,7 +115,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sv.add_argument("--max-batch-tokens", type=positive, default=16384, help="padded tokens in one model run")
     sv.add_argument("--max-batch-size", type=positive, default=4, help="rows merged into one batch (and per model run)")
     sv.add_argument("--max-wait-ms", type=float, default=2.0, help="how long an idle batcher waits for more requests")
-    sv.add_argument("--max-padding", type=float, default=0.25,
+    sv.add_argument("--max-padding", type=float, default=MAX_PADDING,
                     help="a sub-batch ends where padding would pass this share of its tokens (1: never split for padding)")
     sv.add_argument("--max-queue", type=positive, default=2048, help="rows waiting before requests get 429")
     sv.add_argument("--max-client-batch-size", type=positive, default=256, help="inputs in one request (more: 413)")

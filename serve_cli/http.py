@@ -38,7 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from loraship.task import Task
 from serve_cli.page import PAGE
-from serve_cli.runtime import OnnxClassifier, int8_batch_independent
+from serve_cli.runtime import MAX_PADDING, OnnxClassifier, int8_batch_independent, length_batches
 
 log = logging.getLogger("serve_cli.http")
 
@@ -53,7 +53,7 @@ class Limits:
     # in benchmarks/serve_http.py: ours vs ours-batch32).
     max_batch_size: int = 4
     max_wait_ms: float = 2.0  # how long the first request of an idle batcher waits for company
-    max_padding: float = 0.25  # a sub-batch ends where padding would pass this share of its tokens (1 = no limit)
+    max_padding: float = MAX_PADDING  # a sub-batch ends where padding would pass this share of its tokens (1 = no limit)
     max_queue: int = 2048  # rows waiting before new requests get 429
     max_client_batch_size: int = 256  # inputs in one request
     payload_limit: int = 2_000_000  # bytes of one request body
@@ -224,24 +224,12 @@ class Batcher:
         too_long = {owner[i] for i, e in enumerate(encs) if e.overflowing and not jobs[owner[i]].truncate}
         order = sorted((i for i in range(len(texts)) if owner[i] not in too_long), key=lambda i: len(encs[i].ids))
         logits = np.zeros((len(texts), len(clf.labels)), dtype=np.float32)
-        start = 0
-        while start < len(order):
-            end, real = start + 1, len(encs[order[start]].ids)
-            # Rows are sorted by length, so the last row of a sub-batch sets its padded width. A sub-batch ends
-            # at the token budget, or where padding would pass --max-padding of its tokens: requests arrive in any
-            # length mix, and padded positions cost as much as real ones (attention: more).
-            while end < len(order) and end - start < self.limits.max_batch_size:
-                width = len(encs[order[end]].ids)
-                padded = (end - start + 1) * width
-                if padded > self.limits.max_batch_tokens or (1 - self.limits.max_padding) * padded > real + width + 32:
-                    break
-                real += width
-                end += 1
-            idx = order[start:end]
+        widths = [len(encs[i].ids) for i in order]
+        for a, b in length_batches(widths, self.limits.max_batch_size, self.limits.max_batch_tokens, self.limits.max_padding):
+            idx = order[a:b]
             logits[idx] = clf.run([encs[i] for i in idx])
             self.metrics.batch_rows.observe(len(idx))
-            self.metrics.batch_tokens.observe(len(idx) * len(encs[idx[-1]].ids))
-            start = end
+            self.metrics.batch_tokens.observe(len(idx) * widths[b - 1])
         self.metrics.rows.inc(len(order))
         out: list[np.ndarray | ApiError] = []
         offset = 0

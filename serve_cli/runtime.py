@@ -26,6 +26,9 @@ CHARS_PER_TOKEN_CAP = 64  # characters kept per token of max_length before token
 MIN_CHARS_CAP = 16_384  # ... and never fewer characters than this per text (or per side of a pair)
 DEFAULT_BATCH_SIZE = 32  # rows per ONNX run in serve_cli predict/eval and the export gate
 WINDOW_BATCHES = 32  # rows are length-sorted within windows of this many batches: bounded memory
+# A batch ends where padding would pass this share of its tokens: padded positions cost as much as real ones
+# (attention: more), and a few long rows among short ones would otherwise pad every row to their length.
+MAX_PADDING = 0.25
 
 
 class ModelDirError(ValueError):
@@ -177,10 +180,28 @@ def logits_sorted(clf: OnnxClassifier, texts: list[Any], batch_size: int) -> np.
     encs = clf.encode(texts)
     order = sorted(range(len(encs)), key=lambda k: len(encs[k].ids))
     logits = np.zeros((len(encs), len(clf.labels)), dtype=np.float32)
-    for b in range(0, len(order), batch_size):
-        ks = order[b : b + batch_size]
+    for a, b in length_batches([len(encs[k].ids) for k in order], batch_size):
+        ks = order[a:b]
         logits[ks] = clf.run([encs[k] for k in ks])
     return logits
+
+
+def length_batches(widths: list[int], max_rows: int, max_tokens: int | None = None,
+                   max_padding: float = MAX_PADDING) -> Iterator[tuple[int, int]]:
+    """[start, end) batches over rows sorted by width (tokens): at most `max_rows` rows and `max_tokens` padded
+    tokens each, ending where padding would pass `max_padding` of the batch's tokens (with a little slack, so
+    that rows of nearly equal length still batch). The last row of a batch sets its padded width."""
+    start = 0
+    while start < len(widths):
+        end, real = start + 1, widths[start]
+        while end < len(widths) and end - start < max_rows:
+            padded = (end - start + 1) * widths[end]
+            if (max_tokens is not None and padded > max_tokens) or (1 - max_padding) * padded > real + widths[end] + 32:
+                break
+            real += widths[end]
+            end += 1
+        yield start, end
+        start = end
 
 
 T = TypeVar("T")

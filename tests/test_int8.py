@@ -174,7 +174,7 @@ def test_batch_independent_int8_gives_a_row_the_same_answer_whatever_its_batch(e
     import numpy as np
     import onnx
 
-    from export.int8_search import calibration_feeds
+    from export.int8_search import calibration_feeds, store_fused
     from export.rowwise import calibrated_ranges, quantize_rowwise, weight_layers
     from serve_cli.runtime import OnnxClassifier, proba_in_order
     from tests.conftest import make_texts
@@ -186,8 +186,12 @@ def test_batch_independent_int8_gives_a_row_the_same_answer_whatever_its_batch(e
     layers = [n.name for n in weight_layers(onnx.load(str(exported / "model.onnx")).graph)]
     static = None if kind == "rowwise" else calibrated_ranges(exported / "model.onnx", calibration_feeds(fp32_clf, texts[60:]))
     rowwise = layers[::3] if kind == "mixed" else []
-    assert quantize_rowwise(exported / "model.onnx", d / "model_quantized.onnx", static=static, rowwise=rowwise) == layers
-    row_scaled = sum(n.op_type == "ReduceMax" for n in onnx.load(str(d / "model_quantized.onnx")).graph.node)
+    assert quantize_rowwise(exported / "model.onnx", tmp_path / "int8.onnx", static=static, rowwise=rowwise) == layers
+    store_fused(tmp_path / "int8.onnx", d / "model_quantized.onnx")  # as the export ships it
+    int8_graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    row_scaled = sum(n.op_type == "ReduceMax" for n in int8_graph.node)
+    tables = [i for i in int8_graph.initializer if len(i.dims) == 2 and i.dims[0] == fp32_clf.tokenizer.get_vocab_size()]
+    assert [t.data_type for t in tables] == [onnx.TensorProto.INT8], "the word embedding table is int8"
     assert row_scaled == {"rowwise": len(layers), "static": 0, "mixed": len(rowwise)}[kind]
     clf = OnnxClassifier(d, variant="int8")
     batched = proba_in_order(clf, texts, batch_size=32)

@@ -449,3 +449,20 @@ def test_predict_reads_a_directory_of_files(exported: Path, tmp_path: Path) -> N
     assert main(["predict", "--model", str(exported), "--input", str(d), "--output", str(out), "--quiet"]) == 0
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert ids == [f"{d / 'a.jsonl'}:1", f"{d / 'a.jsonl'}:2", f"{d / 'sub' / 'b.csv'}:2"]
+
+
+def test_batches_end_where_padding_would_pass_its_share() -> None:
+    """Length-sorted rows: a few long rows never pad a batch of short ones to their length, rows of equal
+    length fill whole batches, and every row is in exactly one batch."""
+    from serve_cli.runtime import MAX_PADDING, length_batches
+
+    widths = [26, 32, 43, 54, 55, 68, 77, 128, 128, 128]
+    batches = list(length_batches(widths, 32))
+    assert [i for a, b in batches for i in range(a, b)] == list(range(len(widths)))
+    assert batches == [(0, 6), (6, 10)], "the long rows run together, without the short ones"
+    for a, b in batches:
+        padded, real = (b - a) * widths[b - 1], sum(widths[a:b])
+        assert (1 - MAX_PADDING) * padded <= real + 32
+    assert list(length_batches([50] * 70, 32)) == [(0, 32), (32, 64), (64, 70)]
+    assert list(length_batches([50] * 10, 32, max_tokens=200)) == [(0, 4), (4, 8), (8, 10)]
+    assert list(length_batches(widths, 32, max_padding=1.0)) == [(0, 10)]
