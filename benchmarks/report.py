@@ -103,7 +103,8 @@ def results() -> str:
                 f"Single-text requests at 64 clients: {sm['ours_single_c64_vs_predict']:.2f}x of that, "
                 f"{sm['ours_vs_naive_single_c64']:.1f}x the naive server; p99 at 8 clients {sm['ours_p99_ms_single_c8']:.1f} ms"
                 + (f" ({sm['ours_p99_over_p50_single_c8']:.2f}x p50"
-                   + (f"; with `--max-batch-size 32` {sm['batch32_p99_over_p50_single_c8']:.2f}x" if "batch32_p99_over_p50_single_c8" in sm else "")
+                   + "".join(f"; with `--max-batch-size {n}` {sm[f'batch{n}_p99_over_p50_single_c8']:.2f}x"
+                             for n in (4, 32) if f"batch{n}_p99_over_p50_single_c8" in sm)
                    + ")" if "ours_p99_over_p50_single_c8" in sm else "")
                 + (f"; one 32-text request at 1 client {sm['ours_32_texts_c1_vs_predict']:.2f}x `serve_cli predict`'s rows/s"
                    if "ours_32_texts_c1_vs_predict" in sm else "") + ". "

@@ -113,7 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sv.add_argument("--workers", type=int, default=0,
                     help="model workers, each with its own ONNX session (0 = 2 where there are >= 2 threads, else 1)")
     sv.add_argument("--max-batch-tokens", type=positive, default=16384, help="padded tokens in one model run")
-    sv.add_argument("--max-batch-size", type=positive, default=4, help="rows merged into one batch (and per model run)")
+    sv.add_argument("--max-batch-size", type=positive, default=1,
+                    help="rows of concurrent requests merged into one batch (1: each request runs on its own; one "
+                    "request's rows run in sorted sub-batches of up to max(this, 32))")
     sv.add_argument("--max-wait-ms", type=float, default=2.0, help="how long an idle batcher waits for more requests")
     sv.add_argument("--max-padding", type=float, default=MAX_PADDING,
                     help="a sub-batch ends where padding would pass this share of its tokens (1: never split for padding)")

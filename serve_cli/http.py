@@ -1,4 +1,4 @@
-"""`serve_cli serve`: the ONNX export as an HTTP service with dynamic batching, torch-free.
+"""`serve_cli serve`: the ONNX export as an HTTP service over several model workers, torch-free.
 
     serve_cli serve --model runs/agnews_minilm/onnx --port 8080
     curl -s localhost:8080/predict -H 'content-type: application/json' -d '{"inputs": "Stocks rally as oil falls"}'
@@ -12,23 +12,24 @@ regression model answers `[{"score": value, "label": target name}]` (the value i
 429 queue full (with Retry-After), 504 timeout. `GET /health`, `/ready`, `/info`, `/metrics` (Prometheus),
 `/docs` (OpenAPI), and a try-it page at `/`.
 
-Concurrent requests are merged: a model worker waits at most --max-wait-ms after the first request,
-takes up to --max-batch-size rows, tokenizes them and runs them length-sorted in sub-batches under
---max-batch-tokens. Each worker is a thread owning its own ONNX session (--workers, default 2 of one
-thread each on 2 cores): one runs a batch while the next forms. The event loop never runs the model,
+A free model worker takes the next request (with --max-batch-size above 1, concurrent requests are
+merged: it waits at most --max-wait-ms after the first for up to that many rows), tokenizes its rows and
+runs them length-sorted in sub-batches under --max-batch-tokens and --max-padding. Each worker is a
+thread owning its own ONNX session (--workers, default 2 of one thread each on 2 cores). The event loop never runs the model,
 so it keeps answering /health while the model works. Each request gets exactly its own rows back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
 import logging
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,7 +39,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from loraship.task import Task
 from serve_cli.page import PAGE
-from serve_cli.runtime import MAX_PADDING, OnnxClassifier, int8_batch_independent, length_batches
+from serve_cli.runtime import (
+    DEFAULT_BATCH_SIZE,
+    MAX_PADDING,
+    OnnxClassifier,
+    int8_batch_independent,
+    length_batches,
+)
 
 log = logging.getLogger("serve_cli.http")
 
@@ -48,10 +55,11 @@ class Limits:
     """Defaults sized for a 2-core machine (see the README's serving benchmark)."""
 
     max_batch_tokens: int = 16384  # padded tokens in one ONNX run (rows x longest row)
-    # Rows merged into one batch (and per sub-batch): small batches keep both workers busy and a late request
-    # waits for a short batch only; row-wise int8 on one thread is no slower per row in batches of 4 (measured
-    # in benchmarks/serve_http.py: ours vs ours-batch32).
-    max_batch_size: int = 4
+    # Rows of concurrent requests merged into one batch. 1: a free worker takes the next request alone. With
+    # length-sorted, tightly padded sub-batches, merging single texts saves no time per row on one thread,
+    # while every request of a merged batch waits for all of it: its latency then spreads with its batch
+    # mates' lengths (benchmarks/serve_http.py: ours vs ours-batch4).
+    max_batch_size: int = 1
     max_wait_ms: float = 2.0  # how long the first request of an idle batcher waits for company
     max_padding: float = MAX_PADDING  # a sub-batch ends where padding would pass this share of its tokens (1 = no limit)
     max_queue: int = 2048  # rows waiting before new requests get 429
@@ -76,6 +84,7 @@ class Job:
     future: asyncio.Future[Any]
     enqueued: float = field(default_factory=time.perf_counter)
     part: bool = False  # one share of a request split across the workers: run as a batch of its own
+    cancelled: bool = False  # its request timed out: a worker that has not run it yet skips it
 
 
 SPLIT_MIN_ROWS = 8  # a request of at least twice this many rows is split across the model workers
@@ -100,121 +109,123 @@ class Metrics:
 
 
 class Batcher:
-    """Merges concurrent requests into batches for model workers: each worker is a thread that owns its
-    own ONNX session and takes the next batch from the shared queue when it is free. With two workers of
-    one thread each, one collects the next batch while the other runs, and small batches do not pay for
-    onnxruntime's cross-thread synchronisation (measured on 2 cores: README, serving benchmark)."""
+    """Model workers fed from one queue: each worker is a thread that owns its own ONNX session and takes
+    the next request from the queue itself when it is free, so a worker never waits for the event loop to
+    hand it work (the loop parses requests and writes answers meanwhile). With two workers of one thread
+    each, small batches do not pay for onnxruntime's cross-thread synchronisation (measured on 2 cores:
+    README, serving benchmark)."""
 
     def __init__(self, models: list[OnnxClassifier], limits: Limits, metrics: Metrics) -> None:
         self.models, self.limits, self.metrics = models, limits, metrics
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.jobs: collections.deque[Job] = collections.deque()
+        self.cond = threading.Condition()  # guards jobs, pending_rows, idle and stopping
         self.pending_rows = 0
-        self.executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnx{i}") for i in range(len(models))]
-        self.tasks: list[asyncio.Task[None]] = []
         self.idle = 0  # workers waiting for a first request
+        self.stopping = False
+        self.threads: list[threading.Thread] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.tasks = [loop.create_task(self._loop(clf, ex)) for clf, ex in zip(self.models, self.executors, strict=True)]
+        self.loop = asyncio.get_running_loop()
+        self.threads = [threading.Thread(target=self._work, args=(clf,), name=f"onnx{i}", daemon=True)
+                        for i, clf in enumerate(self.models)]
+        for thread in self.threads:
+            thread.start()
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for executor in self.executors:
-            executor.shutdown(wait=True)
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        for thread in self.threads:
+            await asyncio.to_thread(thread.join)
 
     async def submit(self, texts: list[Any], truncate: bool) -> np.ndarray:
         """Logits for `texts`, in order; 429 when the queue is full, 504 after the request timeout. A large
         request is split into one share per worker, so idle workers run it together instead of one alone
         (the shares' rows are the same rows: with fp32 or batch-independent int8 the answers are too)."""
-        if self.pending_rows + len(texts) > self.limits.max_queue:
-            raise ApiError(429, f"queue full ({self.pending_rows} rows waiting, limit {self.limits.max_queue}); retry shortly",
-                           "Overloaded", {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         shares = min(len(self.models), len(texts) // SPLIT_MIN_ROWS)
         bounds = np.linspace(0, len(texts), max(shares, 1) + 1).astype(int).tolist()
         jobs = [Job(texts[a:b], truncate, loop.create_future(), part=shares > 1) for a, b in itertools.pairwise(bounds)]
-        self.pending_rows += len(texts)
-        self.metrics.queue_rows.set(self.pending_rows)
-        for job in jobs:
-            await self.queue.put(job)
+        with self.cond:
+            if self.pending_rows + len(texts) > self.limits.max_queue:
+                raise ApiError(429, f"queue full ({self.pending_rows} rows waiting, limit {self.limits.max_queue}); retry shortly",
+                               "Overloaded", {"Retry-After": "1"})
+            self.pending_rows += len(texts)
+            self.jobs.extend(jobs)
+            self.cond.notify_all()
+            self.metrics.queue_rows.set(self.pending_rows)
         try:
             results = await asyncio.wait_for(asyncio.gather(*(asyncio.shield(j.future) for j in jobs), return_exceptions=True),
                                              self.limits.request_timeout_s)
         except TimeoutError:
             for job in jobs:
-                job.future.cancel()  # the batcher skips those that have not run yet
+                job.cancelled = True  # a worker skips those that have not run yet
             raise ApiError(504, f"no answer within {self.limits.request_timeout_s:g}s", "Timeout") from None
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
             raise failed
         return results[0] if len(results) == 1 else np.concatenate(results)
 
-    async def _collect(self) -> list[Job]:
-        self.idle += 1
-        try:
-            jobs = [await self.queue.get()]
-        finally:
+    def _collect(self) -> list[Job] | None:
+        """Worker thread: the next batch (None when the server stops). With --max-batch-size above 1, waits up
+        to --max-wait-ms after the first request for more rows; a share of a split request runs alone."""
+        with self.cond:
+            self.idle += 1
+            while not self.jobs and not self.stopping:
+                self.cond.wait()
             self.idle -= 1
-        if jobs[0].part:  # a share of a split request is a batch already: the other shares go to other workers
-            return jobs
-        rows = len(jobs[0].texts)
-        deadline = asyncio.get_running_loop().time() + self.limits.max_wait_ms / 1000
-        while rows < self.limits.max_batch_size:
-            try:
-                job = self.queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
+            if self.stopping:
+                return None
+            jobs = [self.jobs.popleft()]
+            rows = len(jobs[0].texts)
+            deadline = time.monotonic() + self.limits.max_wait_ms / 1000
+            while not jobs[0].part and rows < self.limits.max_batch_size:
+                if not self.jobs:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self.stopping:
+                        break
+                    self.cond.wait(remaining)
+                    continue
+                if self.jobs[0].part:  # left for an idle worker; this batch runs as it is
                     break
-                try:
-                    job = await asyncio.wait_for(self.queue.get(), remaining)
-                except TimeoutError:
-                    break
-            if job.part:  # back in the queue for an idle worker; this batch runs as it is
-                self.queue.put_nowait(job)
-                break
-            jobs.append(job)
-            rows += len(job.texts)
-        return self._share(jobs, rows)
+                jobs.append(self.jobs.popleft())
+                rows += len(jobs[-1].texts)
+            jobs = self._share(jobs, rows)
+            self.pending_rows -= sum(len(j.texts) for j in jobs)
+            self.metrics.queue_rows.set(self.pending_rows)
+        return jobs
 
     def _share(self, jobs: list[Job], rows: int) -> list[Job]:
-        """With workers idle, keep an even share of the collected rows and queue the rest again for them."""
+        """With workers idle, keep an even share of the collected rows and queue the rest again for them, first
+        in line (called holding the lock)."""
         if not (self.limits.share_with_idle and self.idle and len(jobs) > 1):
             return jobs
         share = -(-rows // (self.idle + 1))
         kept, n = [], 0
-        for job in jobs:
+        for k, job in enumerate(jobs):
             if kept and n >= share:
-                self.queue.put_nowait(job)  # an idle worker, waiting in get(), takes it at once
-            else:
-                kept.append(job)
-                n += len(job.texts)
+                self.jobs.extendleft(reversed(jobs[k:]))
+                self.cond.notify_all()
+                break
+            kept.append(job)
+            n += len(job.texts)
         return kept
 
-    async def _loop(self, clf: OnnxClassifier, executor: ThreadPoolExecutor) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = await self._collect()
-            self.pending_rows -= sum(len(j.texts) for j in jobs)
-            self.metrics.queue_rows.set(self.pending_rows)
-            jobs = [j for j in jobs if not j.future.done()]
+    def _work(self, clf: OnnxClassifier) -> None:
+        """Worker thread: run batches until the server stops; each answer goes back to the event loop."""
+        assert self.loop is not None
+        while (jobs := self._collect()) is not None:
+            jobs = [j for j in jobs if not j.cancelled]
             if not jobs:
                 continue
             try:
-                results = await loop.run_in_executor(executor, self._infer, clf, jobs)
-            except Exception as e:  # a model failure answers its requests; the batcher goes on
+                results = self._infer(clf, jobs)
+            except Exception as e:  # a model failure answers its requests; the worker goes on
                 log.exception("model run failed")
                 results = [ApiError(500, f"model run failed: {type(e).__name__}: {e}", "Backend") for _ in jobs]
             for job, result in zip(jobs, results, strict=True):
-                if job.future.done():
-                    continue
-                if isinstance(result, ApiError):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+                self.loop.call_soon_threadsafe(_settle, job.future, result)
 
     def _infer(self, clf: OnnxClassifier, jobs: list[Job]) -> list[np.ndarray | ApiError]:
         """Worker thread: tokenize every row, run length-sorted sub-batches under the token budget."""
@@ -225,7 +236,9 @@ class Batcher:
         order = sorted((i for i in range(len(texts)) if owner[i] not in too_long), key=lambda i: len(encs[i].ids))
         logits = np.zeros((len(texts), len(clf.labels)), dtype=np.float32)
         widths = [len(encs[i].ids) for i in order]
-        for a, b in length_batches(widths, self.limits.max_batch_size, self.limits.max_batch_tokens, self.limits.max_padding):
+        # One request's own rows batch up to the usual batch size: sorted, they pad little.
+        rows_per_run = max(self.limits.max_batch_size, DEFAULT_BATCH_SIZE)
+        for a, b in length_batches(widths, rows_per_run, self.limits.max_batch_tokens, self.limits.max_padding):
             idx = order[a:b]
             logits[idx] = clf.run([encs[i] for i in idx])
             self.metrics.batch_rows.observe(len(idx))
@@ -242,6 +255,16 @@ class Batcher:
                 out.append(logits[offset : offset + n])
             offset += n
         return out
+
+
+def _settle(future: asyncio.Future[Any], result: np.ndarray | ApiError) -> None:
+    """Event loop: answer a request's future (unless it timed out meanwhile)."""
+    if future.done():
+        return
+    if isinstance(result, ApiError):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def _shape(inputs: Any, pair: bool) -> tuple[list[Any], bool]:

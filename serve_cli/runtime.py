@@ -27,8 +27,8 @@ MIN_CHARS_CAP = 16_384  # ... and never fewer characters than this per text (or 
 DEFAULT_BATCH_SIZE = 32  # rows per ONNX run in serve_cli predict/eval and the export gate
 WINDOW_BATCHES = 32  # rows are length-sorted within windows of this many batches: bounded memory
 # A batch ends where padding would pass this share of its tokens: padded positions cost as much as real ones
-# (attention: more), and a few long rows among short ones would otherwise pad every row to their length.
-MAX_PADDING = 0.25
+# (attention: more), so a batch of texts of unequal lengths is slower than running them one by one.
+MAX_PADDING = 0.1
 
 
 class ModelDirError(ValueError):
@@ -189,14 +189,14 @@ def logits_sorted(clf: OnnxClassifier, texts: list[Any], batch_size: int) -> np.
 def length_batches(widths: list[int], max_rows: int, max_tokens: int | None = None,
                    max_padding: float = MAX_PADDING) -> Iterator[tuple[int, int]]:
     """[start, end) batches over rows sorted by width (tokens): at most `max_rows` rows and `max_tokens` padded
-    tokens each, ending where padding would pass `max_padding` of the batch's tokens (with a little slack, so
-    that rows of nearly equal length still batch). The last row of a batch sets its padded width."""
+    tokens each, ending where padding would pass `max_padding` of the batch's tokens. The last row of a batch
+    sets its padded width."""
     start = 0
     while start < len(widths):
         end, real = start + 1, widths[start]
         while end < len(widths) and end - start < max_rows:
             padded = (end - start + 1) * widths[end]
-            if (max_tokens is not None and padded > max_tokens) or (1 - max_padding) * padded > real + widths[end] + 32:
+            if (max_tokens is not None and padded > max_tokens) or (1 - max_padding) * padded > real + widths[end]:
                 break
             real += widths[end]
             end += 1
