@@ -85,6 +85,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     part: bool = False  # one share of a request split across the workers: run as a batch of its own
     cancelled: bool = False  # its request timed out: a worker that has not run it yet skips it
+    answered: bool = False  # a worker has handed it its result
 
 
 SPLIT_MIN_ROWS = 8  # a request of at least twice this many rows is split across the model workers
@@ -220,20 +221,33 @@ class Batcher:
             if not jobs:
                 continue
             try:
-                results = self._infer(clf, jobs)
+                self._infer(clf, jobs)
             except Exception as e:  # a model failure answers its requests; the worker goes on
                 log.exception("model run failed")
-                results = [ApiError(500, f"model run failed: {type(e).__name__}: {e}", "Backend") for _ in jobs]
-            for job, result in zip(jobs, results, strict=True):
-                self.loop.call_soon_threadsafe(_settle, job.future, result)
+                for job in jobs:
+                    if not job.answered:
+                        self._answer(job, ApiError(500, f"model run failed: {type(e).__name__}: {e}", "Backend"))
 
-    def _infer(self, clf: OnnxClassifier, jobs: list[Job]) -> list[np.ndarray | ApiError]:
-        """Worker thread: tokenize every row, run length-sorted sub-batches under the token budget."""
+    def _answer(self, job: Job, result: np.ndarray | ApiError) -> None:
+        """Worker thread: hand a request its result (the event loop sets it)."""
+        job.answered = True
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(_settle, job.future, result)
+
+    def _infer(self, clf: OnnxClassifier, jobs: list[Job]) -> None:
+        """Worker thread: tokenize every row, run length-sorted sub-batches under the token budget, and answer
+        each request as soon as its own rows are done (not when the whole batch is)."""
         texts = [t for j in jobs for t in j.texts]
         encs = clf.encode(texts)
         owner = [k for k, j in enumerate(jobs) for _ in j.texts]
-        too_long = {owner[i] for i, e in enumerate(encs) if e.overflowing and not jobs[owner[i]].truncate}
-        order = sorted((i for i in range(len(texts)) if owner[i] not in too_long), key=lambda i: len(encs[i].ids))
+        start = list(itertools.accumulate((len(j.texts) for j in jobs), initial=0))
+        left = [len(j.texts) for j in jobs]  # rows not yet run, per job
+        for k, job in enumerate(jobs):
+            if any(encs[i].overflowing for i in range(start[k], start[k + 1])) and not job.truncate:
+                left[k] = -1
+                self._answer(job, ApiError(413, f"an input is longer than the model's {clf.max_length} tokens and truncate is "
+                                     "false", "Validation"))
+        order = sorted((i for i in range(len(texts)) if left[owner[i]] >= 0), key=lambda i: len(encs[i].ids))
         logits = np.zeros((len(texts), len(clf.labels)), dtype=np.float32)
         widths = [len(encs[i].ids) for i in order]
         # One request's own rows batch up to the usual batch size: sorted, they pad little.
@@ -243,18 +257,12 @@ class Batcher:
             logits[idx] = clf.run([encs[i] for i in idx])
             self.metrics.batch_rows.observe(len(idx))
             self.metrics.batch_tokens.observe(len(idx) * widths[b - 1])
+            for i in idx:
+                k = owner[i]
+                left[k] -= 1
+                if left[k] == 0:
+                    self._answer(jobs[k], logits[start[k] : start[k + 1]].copy())
         self.metrics.rows.inc(len(order))
-        out: list[np.ndarray | ApiError] = []
-        offset = 0
-        for k, job in enumerate(jobs):
-            n = len(job.texts)
-            if k in too_long:
-                out.append(ApiError(413, f"an input is longer than the model's {clf.max_length} tokens and truncate is false",
-                                    "Validation"))
-            else:
-                out.append(logits[offset : offset + n])
-            offset += n
-        return out
 
 
 def _settle(future: asyncio.Future[Any], result: np.ndarray | ApiError) -> None:
