@@ -327,6 +327,7 @@ def headline() -> str:
     if i:
         best = max(i["rows"], key=lambda r: r["ratio_vs_pipeline"])
         rows.append(f"| inference rows/s vs the HF pipeline (7,600 texts, end to end) | {best['ratio_vs_pipeline']:.2f}x | {i['machine']['cpu']} |")
+    rows += serving_headline(i)
     if m:
         rows.append(f"| GoEmotions (multi-label) test macro F1, int8 default (paper's BERT-base: 0.46) | "
                     f"{m['test_onnx'][m['default_variant']]['f1_macro']:.4f} | {m['machine']['cpu']} |")
@@ -338,6 +339,29 @@ def headline() -> str:
                             f"{t['test_onnx'][t['default_variant']][t['metric']]:.4f} | {pr['machine']['cpu']} |")
     return "\n".join(["| figure | value | machine |", "|---|---|---|", *rows, "",
                       "Every table, its command and machine: [benchmarks/README.md](benchmarks/README.md#results)."])
+
+
+def serving_headline(inference: dict[str, Any] | None) -> list[str]:
+    """Headline rows of the serving goals: the default int8 vs dynamic int8, HTTP against predict, cold start."""
+    rows = []
+    c, h = _load("int8_candidates"), _load("serve_http")
+    if c:
+        cells = []
+        for task in c["tasks"]:
+            by = {r["name"]: r for r in task["rows"]}
+            default = next((r for r in task["rows"] if "within the criterion" in (r.get("why") or "")), None)  # the export's
+            if default and "dynamic" in by:
+                cells.append(f"{task['task']} {default['name']} {default['rows_per_second'] / by['dynamic']['rows_per_second']:.2f}x")
+        rows.append(f"| int8 default (batch-independent) rows/s vs dynamic int8 | {', '.join(cells)} | {c['machine']['cpu']} |")
+    if h:
+        sm = h["summary"]
+        rows.append(f"| HTTP single texts, 64 clients: rows/s vs `serve_cli predict` / vs the naive server | "
+                    f"{sm['ours_single_c64_vs_predict']:.2f}x / {sm['ours_vs_naive_single_c64']:.1f}x | {h['machine']['cpu']} |")
+        rows.append(f"| HTTP single texts, 8 clients: p99 / p50 latency | {sm['ours_p99_over_p50_single_c8']:.2f} "
+                    f"({sm['ours_p99_ms_single_c8']:.1f} ms) | {h['machine']['cpu']} |")
+    if inference and "cold_start_seconds" in inference:
+        rows.append(f"| cold start, `serve_cli predict` on 10 rows | {inference['cold_start_seconds']:.2f} s | {inference['machine']['cpu']} |")
+    return rows
 
 
 SECTIONS = {README: (("headline", headline),), CONFIG_DOC: (("config-reference", config_reference),),
