@@ -146,7 +146,7 @@ class Batcher:
         (the shares' rows are the same rows: with fp32 or batch-independent int8 the answers are too)."""
         loop = asyncio.get_running_loop()
         shares = min(len(self.models), len(texts) // SPLIT_MIN_ROWS)
-        bounds = np.linspace(0, len(texts), max(shares, 1) + 1).astype(int).tolist()
+        bounds = np.linspace(0, len(texts), shares + 1).astype(int).tolist() if shares > 1 else [0, len(texts)]
         jobs = [Job(texts[a:b], truncate, loop.create_future(), part=shares > 1) for a, b in itertools.pairwise(bounds)]
         with self.cond:
             if self.pending_rows + len(texts) > self.limits.max_queue:
@@ -341,9 +341,9 @@ def scores(logits: np.ndarray, task: Task, raw: bool, top_k: int | None) -> list
     values = logits if raw else probs
     on = task.predict(probs) if task.multi else None
     out = []
-    for r, row in enumerate(values):
-        order = np.argsort(-row)[: top_k or len(task.labels)]
-        items = [{"score": float(row[i]), "label": task.labels[i]} for i in order]
+    orders = np.argsort(-values, axis=-1, kind="stable")[:, : top_k or len(task.labels)].tolist()
+    for r, (row, order) in enumerate(zip(values.tolist(), orders, strict=True)):
+        items = [{"score": row[i], "label": task.labels[i]} for i in order]
         if on is not None:
             for item, i in zip(items, order, strict=True):
                 item["chosen"] = bool(on[r, i])
