@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "none of them keeps accuracy")
     p.add_argument("--int8-static-only", action="store_true",
                    help="only static int8 candidates: predictions that do not depend on batch mates (a server mixing users)")
+    p.add_argument("--int8-methods", type=int8_methods, default=("static", "rowwise", "dynamic"),
+                   help="comma-separated int8 methods the search may try (static, rowwise, dynamic); e.g. rowwise for "
+                   "row-wise scales everywhere: slower than static, and closer to fp32")
     p.add_argument("--min-int8-agreement", type=float, default=0.98,
                    help="without --eval-file: share of parity texts where int8 and fp32 must agree for int8 to be default")
     p.add_argument("--max-int8-logit-diff", type=float, default=1.0,
@@ -340,7 +343,7 @@ def int8_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any,
         assert validation is not None
         calibration = calibration_inputs(selection[1], pair_field) if selection[1] else validation[0][:256]
         found = search(tmp, validation, calibration, args.max_int8_drop, args.threads, args.int8_keep, args.int8_try_all,
-                       methods=("static",) if args.int8_static_only else ("rowwise", "static", "dynamic"),
+                       methods=("static",) if args.int8_static_only else args.int8_methods,
                        allow_batch_dependent=args.allow_batch_dependent)
         report["int8_search"] = found
         report["quantization"] = {"method": found["chosen"] or f"{found['shipped']} (not the default)", "cpu_flags": flags, "seconds": found["seconds"]}
@@ -360,6 +363,15 @@ def int8_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any,
     print(f"onnx int8 ({report['quantization']['method']}): max abs diff {report['parity_int8']['max_abs_diff']:.3f}, "
           f"argmax agreement >= {report['parity_int8']['min_argmax_agree']:.2f}")
     return default, gate
+
+
+def int8_methods(text: str) -> tuple[str, ...]:
+    """The --int8-methods list, checked."""
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in ("static", "rowwise", "dynamic")]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of static, rowwise, dynamic")
+    return methods
 
 
 def calibration_inputs(path: Path, pair_field: str | None) -> list[Any]:

@@ -202,3 +202,16 @@ def test_batch_independent_int8_gives_a_row_the_same_answer_whatever_its_batch(e
     assert np.array_equal(batched, shuffled) and np.array_equal(batched[:20], alone)
     fp32 = proba_in_order(fp32_clf, texts)
     assert np.abs(batched - fp32).max() < 0.05 and (batched.argmax(-1) == fp32.argmax(-1)).mean() >= 0.95
+
+
+def test_int8_methods_limits_the_search_to_the_methods_asked(outlier_run: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--int8-methods rowwise: only row-wise candidates (closer to fp32 than static, slower); a method that does
+    not exist is a usage error before any work."""
+    out = tmp_path / "onnx"
+    assert export_main(["--run", str(outlier_run), "--output", str(out), "--int8-methods", "rowwise", "--max-int8-drop", "5"]) == 0
+    search = json.loads((out / "export_report.json").read_text())["int8_search"]
+    assert [c["name"] for c in search["candidates"]] == ["rowwise"] and search["chosen"] == "rowwise"
+    with pytest.raises(SystemExit) as e:
+        export_main(["--run", str(outlier_run), "--output", str(tmp_path / "x"), "--int8-methods", "rowwise,fp8"])
+    assert e.value.code == 2 and "static, rowwise, dynamic" in capsys.readouterr().err and not (tmp_path / "x").exists()
