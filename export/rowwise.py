@@ -44,14 +44,11 @@ def calibrated_ranges(src: Path, feeds: list[dict[str, np.ndarray]]) -> Ranges:
     """(min, max) of every weight layer's input over the feeds' real tokens (padding rows are left out)."""
     import onnx
 
-    from export.smooth import session_with_outputs
+    from export.smooth import exposed_runs
 
     names = sorted({n.input[0] for n in weight_layers(onnx.load(str(src), load_external_data=False).graph)})
-    sess = session_with_outputs(src, names)
-    outputs, inputs = [o.name for o in sess.get_outputs()], {i.name for i in sess.get_inputs()}
     lo, hi = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)  # the range always holds 0 (exact zero point)
-    for feed in feeds:
-        got = dict(zip(outputs, sess.run(None, {k: v for k, v in feed.items() if k in inputs}), strict=True))
+    for feed, got in exposed_runs(src, names, feeds):
         mask = feed["attention_mask"].astype(bool)
         for name in names:
             x = got[name]

@@ -13,6 +13,7 @@ the same activation (Q, K and V). The Mul costs ~1/384 of the MatMul it feeds.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +40,22 @@ def session_with_outputs(model_path: Path, names: list[str]) -> Any:
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def activation_absmax(model_path: Path, names: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) max |x| of each named tensor over the calibration feeds."""
+Arrays = dict[str, np.ndarray]
+
+
+def exposed_runs(model_path: Path, names: list[str], feeds: list[Arrays]) -> Iterator[tuple[Arrays, Arrays]]:
+    """(feed, the named tensors) for each feed, run on `session_with_outputs`."""
     sess = session_with_outputs(model_path, names)
     outputs = [o.name for o in sess.get_outputs()]
     inputs = {i.name for i in sess.get_inputs()}
-    out: dict[str, np.ndarray] = {}
     for feed in feeds:
-        got = dict(zip(outputs, sess.run(None, {k: v for k, v in feed.items() if k in inputs}), strict=True))
+        yield feed, dict(zip(outputs, sess.run(None, {k: v for k, v in feed.items() if k in inputs}), strict=True))
+
+
+def activation_absmax(model_path: Path, names: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |x| of each named tensor over the calibration feeds."""
+    out: dict[str, np.ndarray] = {}
+    for _, got in exposed_runs(model_path, names, feeds):
         for name in names:
             m = np.abs(got[name]).reshape(-1, got[name].shape[-1]).max(axis=0)
             out[name] = np.maximum(out[name], m) if name in out else m

@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -82,7 +82,6 @@ class Job:
     texts: list[Any]
     truncate: bool
     future: asyncio.Future[Any]
-    enqueued: float = field(default_factory=time.perf_counter)
     part: bool = False  # one share of a request split across the workers: run as a batch of its own
     cancelled: bool = False  # its request timed out: a worker that has not run it yet skips it
     answered: bool = False  # a worker has handed it its result
@@ -145,8 +144,8 @@ class Batcher:
         request is split into one share per worker, so idle workers run it together instead of one alone
         (the shares' rows are the same rows: with fp32 or batch-independent int8 the answers are too)."""
         loop = asyncio.get_running_loop()
-        shares = min(len(self.models), len(texts) // SPLIT_MIN_ROWS)
-        bounds = np.linspace(0, len(texts), shares + 1).astype(int).tolist() if shares > 1 else [0, len(texts)]
+        shares = max(1, min(len(self.models), len(texts) // SPLIT_MIN_ROWS))
+        bounds = [len(texts) * k // shares for k in range(shares + 1)]
         jobs = [Job(texts[a:b], truncate, loop.create_future(), part=shares > 1) for a, b in itertools.pairwise(bounds)]
         with self.cond:
             if self.pending_rows + len(texts) > self.limits.max_queue:
@@ -215,7 +214,6 @@ class Batcher:
 
     def _work(self, clf: OnnxClassifier) -> None:
         """Worker thread: run batches until the server stops; each answer goes back to the event loop."""
-        assert self.loop is not None
         while (jobs := self._collect()) is not None:
             jobs = [j for j in jobs if not j.cancelled]
             if not jobs:
@@ -245,8 +243,8 @@ class Batcher:
         for k, job in enumerate(jobs):
             if any(encs[i].overflowing for i in range(start[k], start[k + 1])) and not job.truncate:
                 left[k] = -1
-                self._answer(job, ApiError(413, f"an input is longer than the model's {clf.max_length} tokens and truncate is "
-                                     "false", "Validation"))
+                message = f"an input is longer than the model's {clf.max_length} tokens and truncate is false"
+                self._answer(job, ApiError(413, message, "Validation"))
         order = sorted((i for i in range(len(texts)) if left[owner[i]] >= 0), key=lambda i: len(encs[i].ids))
         logits = np.zeros((len(texts), len(clf.labels)), dtype=np.float32)
         widths = [len(encs[i].ids) for i in order]
