@@ -23,6 +23,7 @@ throughout, so onnxruntime still fuses the bias with GELU after a quantized laye
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,37 @@ def quantize_rowwise(src: Path, dst: Path, exclude: list[str] | None = None, sta
     graph.initializer.extend(kept)
     onnx.save(model, str(dst))
     return done
+
+
+def fold_biases(model: Any) -> int:
+    """Move each bias Add right after a MatMulIntegerToFloat into that node's own bias input, in place: the bias
+    is then added as the integer product is scaled, not in one more pass over the layer's output (onnxruntime's
+    fusions leave the two apart). A row-wise layer's product is followed by its row scale, not its bias: left
+    as it is. Returns how many were moved."""
+    graph = model.graph
+    vectors = {i.name: list(i.dims) for i in graph.initializer if len(i.dims) == 1}
+    # The exporter writes equal weights once and the other copies as Identity of it (e.g. biases still all zero).
+    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in vectors}
+    columns = {i.name: i.dims[-1] for i in graph.initializer if len(i.dims) == 2}
+    uses = collections.Counter([i for n in graph.node for i in n.input] + [o.name for o in graph.output])
+    adds = {i: n for n in graph.node if n.op_type == "Add" for i in n.input}
+    folded: set[int] = set()
+    for node in graph.node:
+        y = node.output[0]
+        if node.op_type != "MatMulIntegerToFloat" or len(node.input) > 5 or uses[y] != 1 or y not in adds:
+            continue
+        add = adds[y]
+        bias = [aliases.get(i, i) for i in add.input if i != y]
+        if len(bias) != 1 or vectors.get(bias[0]) != [columns.get(node.input[1])]:
+            continue
+        # inputs: A, B, a_scale, b_scale, a_zero_point, b_zero_point, bias
+        node.input.extend([""] * (6 - len(node.input)) + [bias[0]])
+        node.output[0] = add.output[0]
+        folded.add(id(add))
+    kept = [n for n in graph.node if id(n) not in folded]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(folded)
 
 
 def _affine(lo: float, hi: float) -> tuple[float, int]:
