@@ -126,6 +126,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sv.add_argument("--no-share-with-idle", action="store_true",
                     help="a worker runs every request it collected, even while other workers idle (default: it keeps "
                     "an even share and hands the rest to the idle workers)")
+    sv.add_argument("--worker-nice", type=int, choices=range(20), default=5, metavar="0-19",
+                    help="model workers run this much above the server's nice value, so the event loop never waits "
+                    "behind a model run for a core (Linux; 0: same priority)")
     sv.add_argument("--log-texts", action="store_true", help="log request texts (off: only method, path, status, rows, ms)")
     sv.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     args = p.parse_args(argv)
@@ -155,7 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                     max_padding=args.max_padding, max_queue=args.max_queue, max_client_batch_size=args.max_client_batch_size,
                     payload_limit=args.payload_limit, request_timeout_s=args.request_timeout,
-                    share_with_idle=not args.no_share_with_idle)
+                    share_with_idle=not args.no_share_with_idle, worker_nice=args.worker_nice)
     return serve(args.model, args.variant, args.host, args.port, args.threads, args.workers, limits, args.log_texts, args.log_level)
 
 

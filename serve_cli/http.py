@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -69,6 +70,10 @@ class Limits:
     # A worker that collected several requests while others sat idle keeps its share and hands the rest
     # back, so the idle workers run them at the same time instead of after (the tail of the latency).
     share_with_idle: bool = True
+    # Model workers' threads run this much above the server's nice value (Linux; 0: the same). The event loop,
+    # which reads requests and writes answers, then gets a core as soon as it has work instead of waiting for a
+    # model run's time slice to end: an answer is not held back behind the next request's model time.
+    worker_nice: int = 5
 
 
 class ApiError(Exception):
@@ -214,6 +219,7 @@ class Batcher:
 
     def _work(self, clf: OnnxClassifier) -> None:
         """Worker thread: run batches until the server stops; each answer goes back to the event loop."""
+        _lower_priority(self.limits.worker_nice)
         while (jobs := self._collect()) is not None:
             jobs = [j for j in jobs if not j.cancelled]
             if not jobs:
@@ -261,6 +267,18 @@ class Batcher:
                 if left[k] == 0:
                     self._answer(jobs[k], logits[start[k] : start[k + 1]].copy())
         self.metrics.rows.inc(len(order))
+
+
+def _lower_priority(increment: int) -> None:
+    """Raise the calling thread's nice value by `increment` (up to 19). Linux only: elsewhere the nice value is
+    the whole process's, the event loop's too."""
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + increment, 19))
+    except OSError as e:
+        log.warning("model worker keeps the server's priority: %s", e)
 
 
 def _settle(future: asyncio.Future[Any], result: np.ndarray | ApiError) -> None:

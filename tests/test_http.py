@@ -304,6 +304,26 @@ def test_model_workers_split_the_threads() -> None:
     assert worker_threads(3, 4) == (4, 1)  # never fewer than one thread per worker
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
+def test_model_workers_run_at_a_lower_priority_than_the_event_loop(exported: Path) -> None:
+    """The event loop (requests in, answers out) must not wait behind a model run for a core: the workers'
+    threads run --worker-nice above the server's nice value, the loop's thread keeps it."""
+    import threading
+
+    from starlette.testclient import TestClient
+
+    import serve_cli.http as http
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    workers = [OnnxClassifier(exported, variant="fp32") for _ in range(2)]
+    with TestClient(http.create_app(workers[0], http.Limits(worker_nice=3), more_workers=workers[1:])) as client:
+        threads = [t for t in threading.enumerate() if t.name.startswith("onnx")]
+        assert len(threads) == 2 and all(t.native_id for t in threads)
+        assert [os.getpriority(os.PRIO_PROCESS, t.native_id) for t in threads] == [min(base + 3, 19)] * 2  # type: ignore[arg-type]
+        assert os.getpriority(os.PRIO_PROCESS, 0) == base
+        assert client.post("/predict", json={"inputs": "game team"}).status_code == 200
+
+
 def test_warm_up_runs_every_worker_and_http_texts_get_the_file_character_cap(exported: Path) -> None:
     """Each worker's session runs once before the server is ready; a huge text sent over HTTP is cut to the
     same characters as in a file before tokenizing (the cap lives in the classifier, for every path)."""
