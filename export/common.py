@@ -21,6 +21,13 @@ class ExportError(RuntimeError):
     pass
 
 
+def weight_layers(graph: Any, ops: tuple[str, ...] = ("MatMul",)) -> list[Any]:
+    """The linear layers of an ONNX graph: `ops` nodes whose second input is a 2-D weight initializer (and whose
+    first is not). MatMul: the encoder's layers, weights [in, out]; Gemm adds the 2-D pooler and classifier."""
+    dims = {i.name: len(i.dims) for i in graph.initializer}
+    return [n for n in graph.node if n.op_type in ops and len(n.input) >= 2 and dims.get(n.input[1]) == 2 and n.input[0] not in dims]
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from export.common import INT8_FILE
+from export.common import INT8_FILE, weight_layers
 from export.smooth import SMOOTH_ALPHA, session_with_outputs, smooth_model
 from loraship.task import Task
 
@@ -93,9 +93,7 @@ def matmul_nodes(model_path: Path) -> list[Any]:
     never quantized (measured: they were the most sensitive layers on TREC, and carry few FLOPs)."""
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    weights = {i.name for i in graph.initializer}
-    return [n for n in graph.node if n.op_type in QUANTIZED_OPS and n.input[1] in weights]
+    return weight_layers(onnx.load(str(model_path), load_external_data=False).graph, tuple(QUANTIZED_OPS))
 
 
 def quantizable(model_path: Path, exclude: list[str]) -> list[str]:

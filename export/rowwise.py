@@ -29,16 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from export.common import weight_layers
+
 Ranges = dict[str, tuple[float, float]]  # layer input tensor -> (min, max) over the calibration texts
-
-
-def weight_layers(graph: Any) -> list[Any]:
-    """The MatMul nodes with a 2-D weight initializer: the layers this module makes int8."""
-    from onnx import numpy_helper
-
-    weights = {i.name: i for i in graph.initializer}
-    return [n for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in weights
-            and numpy_helper.to_array(weights[n.input[1]]).ndim == 2]
 
 
 def calibrated_ranges(src: Path, feeds: list[dict[str, np.ndarray]]) -> Ranges:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from export.common import weight_layers
+
 # Measured on TREC coarse (validation and test agreement with fp32): 0.3 lost 11 validation / 22 test points (the
 # weights take too much range), 0.5 helped held-out texts but not training texts, 0.7 helped both; on TREC fine
 # 0.7 beat 0.8.
@@ -72,9 +74,8 @@ def smooth_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], alpha
     inits = {i.name: i for i in graph.initializer}
     # MatMul only: its weight is [in, out]; the 2-D Gemms (pooler, classifier) carry few FLOPs.
     groups: dict[str, list[Any]] = {}
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits and node.input[0] not in inits:
-            groups.setdefault(node.input[0], []).append(node)
+    for node in weight_layers(graph):
+        groups.setdefault(node.input[0], []).append(node)
     xmax = activation_absmax(src, sorted(groups), feeds)
     for x, nodes in groups.items():
         weights = {n.input[1]: numpy_helper.to_array(inits[n.input[1]]) for n in nodes}

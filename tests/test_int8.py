@@ -174,8 +174,9 @@ def test_batch_independent_int8_gives_a_row_the_same_answer_whatever_its_batch(e
     import numpy as np
     import onnx
 
+    from export.common import weight_layers
     from export.int8_search import calibration_feeds, store_fused
-    from export.rowwise import calibrated_ranges, quantize_rowwise, weight_layers
+    from export.rowwise import calibrated_ranges, quantize_rowwise
     from serve_cli.runtime import OnnxClassifier, proba_in_order
     from tests.conftest import make_texts
 
