@@ -13,12 +13,12 @@ largest value): a text's int8 result then changes with its batch mates. Here eac
 Weights are int8 per output channel (w_scale = max|W[:, n]| / 127). Embedding tables (Gather on a weight) are
 int8 with one scale per table row, dequantized after the lookup: a token's vector never depends on its
 batch, and the file is about a quarter of fp32's, which a session loads faster (a cold start).
-Integer products are exact, so each row's
-int8 result is computed from that row alone either way. A static layer costs one pass over its input (less
-than dynamic int8's two); a row-wise one adds three passes (max, scale, quantize) and one over its output, and
-is about twice as precise on the same activations. Layers named in `exclude` and everything else
+Integer products are exact, so each row's int8 result is computed from that row alone either way. A static
+layer costs one pass over its input (less than dynamic int8's two), and the shipped file adds its bias inside
+the product (`fold_biases`); a row-wise one adds three passes (max, scale, quantize) and one over its output,
+and is about twice as precise on the same activations. Layers named in `exclude` and everything else
 (attention's activation products, LayerNorm, GELU, the Gemm head) stay fp32. Shapes stay [batch, seq, hidden]
-throughout, so onnxruntime still fuses the bias with GELU after a quantized layer.
+throughout, so onnxruntime still fuses a row-wise layer's bias with the GELU after it.
 """
 
 from __future__ import annotations
