@@ -85,7 +85,7 @@ def calibration_feeds(clf: Any, texts: list[str], batch_size: int = 16) -> list[
 
 
 # The linear layers: MatMul (3-D activations) and Gemm (the 2-D pooler and classifier).
-QUANTIZED_OPS = ["MatMul", "Gemm"]
+QUANTIZED_OPS = ("MatMul", "Gemm")
 
 
 def matmul_nodes(model_path: Path) -> list[Any]:
@@ -93,7 +93,7 @@ def matmul_nodes(model_path: Path) -> list[Any]:
     never quantized (measured: they were the most sensitive layers on TREC, and carry few FLOPs)."""
     import onnx
 
-    return weight_layers(onnx.load(str(model_path), load_external_data=False).graph, tuple(QUANTIZED_OPS))
+    return weight_layers(onnx.load(str(model_path), load_external_data=False).graph, QUANTIZED_OPS)
 
 
 def quantizable(model_path: Path, exclude: list[str]) -> list[str]:
@@ -154,17 +154,12 @@ def store_fused(src: Path, dst: Path) -> None:
     from export.rowwise import fold_biases
 
     model = onnx.load(str(src))
-    folded = dst.with_name(f".{dst.name}.folded")
     fold_biases(model)
-    onnx.save(model, str(folded))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     tmp = dst.with_name(f".{dst.name}.fused")
     opts.optimized_model_filepath = str(tmp)
-    try:
-        ort.InferenceSession(str(folded), opts, providers=["CPUExecutionProvider"])
-    finally:
-        folded.unlink()
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     tmp.replace(dst)
 
 
