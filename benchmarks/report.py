@@ -95,10 +95,13 @@ def results() -> str:
                 "`pipeline` per request, fp32), each request 1 or 32 AG News test texts, "
                 f"{h['duration_s']:g} s of load per run; the load generator (a minimal keep-alive HTTP/1.1 client) shares "
                 "the machine's cores with the server.", "",
-                "| server | texts/request | clients | requests | rows/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|"]
+                "| server | texts/request | clients | requests | rows/s | p50 ms | p99 ms | CPU ms per request: server (its event loop) / load generator |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in h["rows"]:
+            cpu = (f"{r['server_cpu_ms_per_request']:.2f} ({r['event_loop_cpu_ms_per_request']:.2f}) / {r['client_cpu_ms_per_request']:.2f}"
+                   if "server_cpu_ms_per_request" in r else "-")
             out.append(f"| {r['server']} | {r['texts_per_request']} | {r['concurrency']} | {r['requests']} | "
-                       f"{r['rows_per_second']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+                       f"{r['rows_per_second']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {cpu} |")
         out += ["", f"`serve_cli predict` on the same texts, in process: {sm['predict_rows_per_second']:.0f} rows/s. "
                 f"Single-text requests at 64 clients: {sm['ours_single_c64_vs_predict']:.2f}x of that, "
                 f"{sm['ours_vs_naive_single_c64']:.1f}x the naive server; p99 at 8 clients {sm['ours_p99_ms_single_c8']:.1f} ms"

@@ -8,7 +8,9 @@ Both servers run on 127.0.0.1 in their own processes, one at a time, on the AG N
   one pipeline call per request (what a user writes first).
 For each: concurrency 1, 8 and 64 closed-loop clients, requests of 1 text and of 32 texts; each run is
 bounded by --duration seconds of sending and --max-requests requests (in-flight requests are then
-awaited); each cell runs --reps times (interleaved) and reports the medians. Reports rows/s, p50/p99 latency, and the rows/s of `serve_cli predict` (in process) on the
+awaited); each cell runs --reps times (interleaved) and reports the medians. Reports rows/s, p50/p99 latency,
+the CPU time each request cost the server (all threads; its event loop alone; Linux /proc) and the load
+generator, and the rows/s of `serve_cli predict` (in process) on the
 same texts; for ours, the share of single-text answers under concurrency 64 whose label equals
 `serve_cli predict`'s. The load generator shares the machine's cores with the server: the same for both.
 Saves benchmarks/results/serve_http.json.
@@ -58,6 +60,10 @@ if __name__ == "__main__":
     import uvicorn
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 '''
+
+
+# CPU time per request (ms): the server's threads together, its event loop alone, the load generator.
+CPU_KEYS = ("server_cpu_ms_per_request", "event_loop_cpu_ms_per_request", "client_cpu_ms_per_request")
 
 
 def free_port() -> int:
@@ -162,6 +168,32 @@ def run_load(coro: Any) -> dict[str, Any]:
     return uvloop.run(coro)
 
 
+def cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """(every thread, the main thread) CPU seconds of a process so far, from Linux's /proc; None elsewhere. A
+    server's main thread runs its event loop (uvicorn), its other threads the model."""
+    def read(path: str) -> float:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    try:
+        return read(f"/proc/{pid}/stat"), read(f"/proc/{pid}/task/{pid}/stat")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def measured_load(proc: subprocess.Popen[bytes], coro: Any) -> dict[str, Any]:
+    """run_load, with the CPU each request cost the server (all of it, and its event loop) and this load generator."""
+    server0, client0 = cpu_seconds(proc.pid), time.process_time()
+    r = run_load(coro)
+    server1, client1 = cpu_seconds(proc.pid), time.process_time()
+    n = max(r["requests"], 1)
+    r["client_cpu_ms_per_request"] = 1000 * (client1 - client0) / n
+    if server0 and server1:
+        r["server_cpu_ms_per_request"] = 1000 * (server1[0] - server0[0]) / n
+        r["event_loop_cpu_ms_per_request"] = 1000 * (server1[1] - server0[1]) / n
+    return r
+
+
 def top_label(answer: Any) -> str:
     first = answer[0] if isinstance(answer, list) else answer
     return first["label"]
@@ -222,7 +254,8 @@ def main() -> None:
             for rep in range(args.reps):  # the reps interleave, so a slow spell of the machine hits every cell
                 for per_request in (1, 32):
                     for concurrency in (1, 8, 64):
-                        r = run_load(load(url, texts, concurrency, per_request, args.duration, args.max_requests, seed=concurrency + rep))
+                        r = measured_load(proc, load(url, texts, concurrency, per_request, args.duration, args.max_requests,
+                                                     seed=concurrency + rep))
                         answers = r.pop("answers")
                         if name == "ours" and per_request == 1 and concurrency == 64 and rep == 0:
                             agreement = float(np.mean([top_label(a) == predict_labels[b[0]] for b, a in answers]))
@@ -230,11 +263,11 @@ def main() -> None:
                         print(name, rep + 1, per_request, concurrency, f"{r['rows_per_second']:.0f} rows/s", flush=True)
             for (per_request, concurrency), rs in reps.items():
                 r = {"requests": sum(x["requests"] for x in rs), "errors": sum(x["errors"] for x in rs),
-                     **{k: float(np.median([x[k] for x in rs])) for k in ("rows_per_second", "p50_ms", "p99_ms")},
+                     **{k: float(np.median([x[k] for x in rs])) for k in ("rows_per_second", "p50_ms", "p99_ms", *CPU_KEYS) if k in rs[0]},
                      "runs": rs}
                 result_rows.append({"server": name, "texts_per_request": per_request, "concurrency": concurrency, **r})
                 rows.append([name, per_request, concurrency, r["requests"], r["errors"], f"{r['rows_per_second']:.0f}",
-                             f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}"])
+                             f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", *(f"{r[k]:.2f}" if k in r else "-" for k in CPU_KEYS)])
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -257,7 +290,8 @@ def main() -> None:
         "little_law_min_mean_ms_c8": 1000 * 8 / predict_rate,
         "int8_label_agreement_with_predict_c64": agreement,
     }
-    print(table(["server", "texts/request", "concurrency", "requests", "errors", "rows/s", "p50 ms", "p99 ms"], rows))
+    print(table(["server", "texts/request", "concurrency", "requests", "errors", "rows/s", "p50 ms", "p99 ms",
+                 "server CPU ms/request", "its event loop", "load generator"], rows))
     print(json.dumps(summary, indent=2))
     variant = json.loads((onnx_dir / "export_report.json").read_text())["default_variant"]
     save("serve_http", {"machine": machine(), "variant": variant, "duration_s": args.duration, "reps": args.reps,
