@@ -172,6 +172,7 @@ def measure(model_dir: Path, variant: str, texts: list[str], threads: int) -> tu
     return probs, len(texts) / (time.perf_counter() - t0)
 
 
+METHODS = ("static", "rowwise", "dynamic")  # what --int8-methods may name
 BATCH_INDEPENDENT = ("rowwise", "static")  # methods whose answer for a row does not depend on its batch mates
 
 
@@ -234,7 +235,7 @@ class Selection:
 
 def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration: list[str], max_drop: float, threads: int,
            keep: int = 4, try_all: bool = False, save_candidates: Path | None = None,
-           methods: tuple[str, ...] = ("rowwise", "static", "dynamic"), allow_batch_dependent: bool = False) -> dict[str, Any]:
+           methods: tuple[str, ...] = METHODS, allow_batch_dependent: bool = False) -> dict[str, Any]:
     """Write the chosen int8 model to onnx_dir/model_quantized.onnx (or none qualifies: the first candidate ships
     as the int8 file, and fp32 stays the default).
 
@@ -274,7 +275,7 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
             build(src, path, cand, [dict(f) for f in feeds])
             store_fused(path, onnx_dir / INT8_FILE)  # measured as it ships
             sel.score(cand)
-            cand.bytes, cand.seconds = path.stat().st_size, time.perf_counter() - t0
+            cand.bytes, cand.seconds = (onnx_dir / INT8_FILE).stat().st_size, time.perf_counter() - t0
             tried.append(cand)
             if save_candidates is not None:  # benchmarks measure every candidate on other data too
                 shutil.copy(onnx_dir / INT8_FILE, save_candidates / f"{cand.name}.onnx")
@@ -288,7 +289,9 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
                 "; batch-independent" if chosen.batch_independent else "; depends on batch mates")
         # Without a qualifying candidate the first one still ships as the int8 file (not the default): users
         # can measure it on their own data with `serve_cli eval --variant int8`.
-        store_fused(work / f"{(chosen or tried[0]).name}.onnx", onnx_dir / INT8_FILE)
+        shipped = chosen or tried[0]
+        if shipped is not tried[-1]:  # the last one tried is in onnx_dir already
+            store_fused(work / f"{shipped.name}.onnx", onnx_dir / INT8_FILE)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
@@ -306,7 +309,7 @@ def search(onnx_dir: Path, validation: tuple[list[str], np.ndarray], calibration
         "candidates": [asdict(c) | {"batch_independent": c.batch_independent} for c in tried],
         "batch_independent": bool(chosen and chosen.batch_independent),
         "chosen": chosen.name if chosen else None,
-        "shipped": (chosen or tried[0]).name,  # the int8 file: the chosen one, else the first candidate
+        "shipped": shipped.name,  # the int8 file: the chosen one, else the first candidate
         "verdict": (f"int8 = {chosen.name}: {chosen.why}, {chosen.rows_per_second / sel.fp32_rate:.2f}x fp32's rows/s" if chosen
                     else f"no int8 candidate within the criterion ({max_drop} points): fp32 is the default"),
         "seconds": time.perf_counter() - t_start,

@@ -39,6 +39,7 @@ from export.common import (
     versions,
 )
 from export.gate import agreement_gate, load_eval_file, measure_file, validation_gate
+from export.int8_search import METHODS as INT8_METHODS
 from export.int8_search import search
 from export.merge import generated_texts, merge, read_adapter
 from export.quantize import QUANTIZATION_METHODS, auto_quantization, quantize
@@ -72,11 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="let the int8 search prefer dynamic int8 (faster; a row's answer then depends slightly on its "
                    "batch mates). Default: batch-independent candidates (static, static with row-wise layers, row-wise) first, dynamic only when "
                    "none of them keeps accuracy")
-    p.add_argument("--int8-static-only", action="store_true",
-                   help="only static int8 candidates: predictions that do not depend on batch mates (a server mixing users)")
-    p.add_argument("--int8-methods", type=int8_methods, default=("static", "rowwise", "dynamic"),
-                   help="comma-separated int8 methods the search may try (static, rowwise, dynamic); e.g. rowwise for "
+    p.add_argument("--int8-methods", type=int8_methods, default=INT8_METHODS,
+                   help=f"comma-separated int8 methods the search may try ({', '.join(INT8_METHODS)}); e.g. rowwise for "
                    "row-wise scales everywhere: slower than static, and closer to fp32")
+    p.add_argument("--int8-static-only", dest="int8_methods", action="store_const", const=("static",),
+                   help="the same as --int8-methods static: only static int8 candidates")
     p.add_argument("--min-int8-agreement", type=float, default=0.98,
                    help="without --eval-file: share of parity texts where int8 and fp32 must agree for int8 to be default")
     p.add_argument("--max-int8-logit-diff", type=float, default=1.0,
@@ -151,7 +152,7 @@ def fingerprint(adapter_dir: Path, base_model: str, method: str, fields: tuple[s
         "eval_merged": args.eval_merged,
         "int8_keep": args.int8_keep,
         "int8_try_all": args.int8_try_all,
-        "int8_static_only": args.int8_static_only,
+        "int8_methods": list(args.int8_methods),
         "allow_batch_dependent": args.allow_batch_dependent,
         "validation": sha256(selection[0]) if selection[0] else None,
         "calibration": sha256(selection[1]) if selection[1] else None,
@@ -343,7 +344,7 @@ def int8_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any,
         assert validation is not None
         calibration = calibration_inputs(selection[1], pair_field) if selection[1] else validation[0][:256]
         found = search(tmp, validation, calibration, args.max_int8_drop, args.threads, args.int8_keep, args.int8_try_all,
-                       methods=("static",) if args.int8_static_only else args.int8_methods,
+                       methods=args.int8_methods,
                        allow_batch_dependent=args.allow_batch_dependent)
         report["int8_search"] = found
         report["quantization"] = {"method": found["chosen"] or f"{found['shipped']} (not the default)", "cpu_flags": flags, "seconds": found["seconds"]}
@@ -368,9 +369,9 @@ def int8_phase(args: argparse.Namespace, tmp: Path, merged: Any, tokenizer: Any,
 def int8_methods(text: str) -> tuple[str, ...]:
     """The --int8-methods list, checked."""
     methods = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in methods if m not in ("static", "rowwise", "dynamic")]
+    unknown = [m for m in methods if m not in INT8_METHODS]
     if unknown or not methods:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of static, rowwise, dynamic")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {', '.join(INT8_METHODS)}")
     return methods
 
 

@@ -42,6 +42,8 @@ def test_export_writes_validated_onnx_dir(exported: Path, trained_run: Path) -> 
     for v in ("fp32", "int8"):
         info = report["variants"][v]
         assert info["bytes"] == (exported / info["file"]).stat().st_size and len(info["sha256"]) == 64
+    shipped = next(c for c in search["candidates"] if c["name"] == search["shipped"])
+    assert shipped["bytes"] == report["variants"]["int8"]["bytes"], "a candidate's size is its file's as it ships"
     config = json.loads((exported / "config.json").read_text())
     assert config["id2label"] == {"0": "Business", "1": "Sci/Tech", "2": "Sports", "3": "World"}
     assert report["versions"]["onnxruntime"] and report["opset"] == 18
@@ -201,7 +203,7 @@ def test_without_validation_rows_int8_needs_agreement_on_every_parity_text(train
     assert json.loads((strict / "export_report.json").read_text())["default_variant"] == "fp32"
 
 
-@pytest.mark.parametrize("change", ["atol", "eval-contents", "text-field"])
+@pytest.mark.parametrize("change", ["atol", "eval-contents", "text-field", "int8-methods"])
 def test_reuse_fingerprint_covers_every_input(trained_run: Path, toy_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str) -> None:
     evalf = tmp_path / "eval.jsonl"
     shutil.copy(toy_data / "test.jsonl", evalf)
@@ -212,6 +214,8 @@ def test_reuse_fingerprint_covers_every_input(trained_run: Path, toy_data: Path,
     extra: list[str] = []
     if change == "atol":
         extra = ["--atol", "1e-3"]
+    elif change == "int8-methods":
+        extra = ["--int8-methods", "rowwise"]
     elif change == "eval-contents":
         evalf.write_text("".join(evalf.read_text().splitlines(keepends=True)[:20]))
     else:
