@@ -104,7 +104,11 @@ def results() -> str:
                        f"{r['rows_per_second']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {cpu} |")
         out += ["", f"`serve_cli predict` on the same texts, in process: {sm['predict_rows_per_second']:.0f} rows/s. "
                 f"Single-text requests at 64 clients: {sm['ours_single_c64_vs_predict']:.2f}x of that, "
-                f"{sm['ours_vs_naive_single_c64']:.1f}x the naive server; p99 at 8 clients {sm['ours_p99_ms_single_c8']:.1f} ms"
+                f"{sm['ours_vs_naive_single_c64']:.1f}x the naive server"
+                + (f" (p99 {sm['ours_p99_ms_single_c64']:.0f} ms; without merging equal-length texts in deep queues, "
+                   f"`--merge-depth 0`: {sm['no_merge_single_c64_vs_predict']:.2f}x, p99 {sm['no_merge_p99_ms_single_c64']:.0f} ms)"
+                   if "no_merge_single_c64_vs_predict" in sm else "")
+                + f"; p99 at 8 clients {sm['ours_p99_ms_single_c8']:.1f} ms"
                 + (f" ({sm['ours_p99_over_p50_single_c8']:.2f}x p50"
                    + "".join(f"; with `--max-batch-size {n}` {sm[f'batch{n}_p99_over_p50_single_c8']:.2f}x"
                              for n in (4, 32) if f"batch{n}_p99_over_p50_single_c8" in sm)

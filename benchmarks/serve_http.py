@@ -220,8 +220,9 @@ def main() -> None:
     p.add_argument("--max-requests", type=int, default=3000)
     p.add_argument("--reps", type=int, default=3, help="runs of each cell; rows/s and latencies are their medians")
     p.add_argument("--rows", type=int, default=2000, help="distinct test texts used")
-    p.add_argument("--servers", default="ours,ours-batch4,naive",
-                   help="which servers: ours (the defaults), ours-batch4 (--max-batch-size 4: concurrent requests merged, the "
+    p.add_argument("--servers", default="ours,ours-no-merge,ours-batch4,naive",
+                   help="which servers: ours (the defaults), ours-no-merge (--merge-depth 0: deep queues served one request "
+                   "at a time, as below the depth), ours-batch4 (--max-batch-size 4: concurrent requests merged, the "
                    "default before 1), ours-no-share (--max-batch-size 4 --no-share-with-idle: a worker keeps every request it "
                    "collected), ours-batch32 (--max-batch-size 32, the default before 4), naive")
     args = p.parse_args()
@@ -234,6 +235,8 @@ def main() -> None:
     naive_script.write_text(NAIVE)
     servers = {
         "ours": lambda port: [sys.executable, "-m", "serve_cli", "serve", "--model", str(onnx_dir), "--port", str(port), "--log-level", "warning"],
+        "ours-no-merge": lambda port: [sys.executable, "-m", "serve_cli", "serve", "--model", str(onnx_dir), "--port", str(port),
+                                       "--log-level", "warning", "--merge-depth", "0"],
         "ours-batch4": lambda port: [sys.executable, "-m", "serve_cli", "serve", "--model", str(onnx_dir), "--port", str(port),
                                      "--log-level", "warning", "--max-batch-size", "4"],
         "ours-no-share": lambda port: [sys.executable, "-m", "serve_cli", "serve", "--model", str(onnx_dir), "--port", str(port),
@@ -280,6 +283,9 @@ def main() -> None:
         "predict_rows_per_second": predict_rate,
         "ours_single_c64_vs_predict": ours64["rows_per_second"] / predict_rate,
         "ours_vs_naive_single_c64": ours64["rows_per_second"] / naive64["rows_per_second"],
+        **({"no_merge_single_c64_vs_predict": by[("ours-no-merge", 1, 64)]["rows_per_second"] / predict_rate,
+            "no_merge_p99_ms_single_c64": by[("ours-no-merge", 1, 64)]["p99_ms"]} if ("ours-no-merge", 1, 64) in by else {}),
+        "ours_p99_ms_single_c64": ours64["p99_ms"],
         "ours_p99_ms_single_c8": by[("ours", 1, 8)]["p99_ms"],
         "ours_p99_over_p50_single_c8": by[("ours", 1, 8)]["p99_ms"] / by[("ours", 1, 8)]["p50_ms"],
         "ours_32_texts_c1_vs_predict": by[("ours", 32, 1)]["rows_per_second"] / predict_rate,

@@ -80,7 +80,7 @@ CALIBRATION_FEED_ROWS = 256  # texts that calibrate static ranges, smoothing and
 
 def calibration_feeds(clf: Any, texts: list[str], batch_size: int = 16) -> list[dict[str, np.ndarray]]:
     encs = clf.encode(texts)
-    order = sorted(range(len(texts)), key=lambda i: len(encs[i].ids))
+    order = sorted(range(len(texts)), key=lambda i: len(encs[i]))
     return [clf.feed([encs[i] for i in order[b : b + batch_size]]) for b in range(0, len(order), batch_size)]
 
 

@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
         return value
 
+    def count(text: str) -> int:
+        value = int(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+        return value
+
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", required=True, help="ONNX dir written by python -m export.to_onnx")
         sp.add_argument("--input", required=True, help="input file, or - for stdin")
@@ -129,6 +135,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sv.add_argument("--worker-nice", type=int, choices=range(20), default=5, metavar="0-19",
                     help="model workers run this much above the server's nice value, so the event loop never waits "
                     "behind a model run for a core (Linux; 0: same priority)")
+    sv.add_argument("--merge-depth", type=count, default=16, metavar="ROWS",
+                    help="with this many rows waiting, single texts are tokenized on arrival and a worker runs the "
+                    "request at the head of the queue with waiting texts of exactly its token length (0: never)")
+    sv.add_argument("--merge-rows", type=positive, default=4, help="rows in one such run of equal-length texts")
     sv.add_argument("--log-texts", action="store_true", help="log request texts (off: only method, path, status, rows, ms)")
     sv.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     args = p.parse_args(argv)
@@ -158,7 +168,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                     max_padding=args.max_padding, max_queue=args.max_queue, max_client_batch_size=args.max_client_batch_size,
                     payload_limit=args.payload_limit, request_timeout_s=args.request_timeout,
-                    share_with_idle=not args.no_share_with_idle, worker_nice=args.worker_nice)
+                    share_with_idle=not args.no_share_with_idle, worker_nice=args.worker_nice,
+                    merge_depth=args.merge_depth, merge_rows=args.merge_rows)
     return serve(args.model, args.variant, args.host, args.port, args.threads, args.workers, limits, args.log_texts, args.log_level)
 
 

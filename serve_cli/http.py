@@ -14,9 +14,11 @@ regression model answers `[{"score": value, "label": target name}]` (the value i
 
 A free model worker takes the next request (with --max-batch-size above 1, concurrent requests are
 merged: it waits at most --max-wait-ms after the first for up to that many rows), tokenizes its rows and
-runs them length-sorted in sub-batches under --max-batch-tokens and --max-padding. Each worker is a
-thread owning its own ONNX session (--workers, default 2 of one thread each on 2 cores). The event loop never runs the model,
-so it keeps answering /health while the model works. Each request gets exactly its own rows back.
+runs them length-sorted in sub-batches under --max-batch-tokens and --max-padding. In a deep queue
+(--merge-depth rows waiting), single texts are tokenized on arrival and the head request runs with waiting
+texts of exactly its token length (--merge-rows). Each worker is a thread owning its own ONNX session
+(--workers, default 2 of one thread each on 2 cores). The event loop never runs the model, so it keeps
+answering /health while the model works. Each request gets exactly its own rows back.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from loraship.task import Task
@@ -74,6 +76,13 @@ class Limits:
     # which reads requests and writes answers, then gets a core as soon as it has work instead of waiting for a
     # model run's time slice to end: an answer is not held back behind the next request's model time.
     worker_nice: int = 5
+    # When this many rows wait (a new request then waits for several model runs anyway), a single text is
+    # tokenized as it arrives, and a worker runs the request at the head of the queue together with waiting
+    # single texts of exactly its token length, up to merge_rows rows: rows of one length batch without padding
+    # and cost less each than alone, while even a token of padding costs more than batching saves
+    # (benchmarks/README.md, serving). Throughput under deep queues; shallow queues are served as before. 0: never.
+    merge_depth: int = 16
+    merge_rows: int = 4
 
 
 class ApiError(Exception):
@@ -90,6 +99,7 @@ class Job:
     part: bool = False  # one share of a request split across the workers: run as a batch of its own
     cancelled: bool = False  # its request timed out: a worker that has not run it yet skips it
     answered: bool = False  # a worker has handed it its result
+    encodings: list[Any] | None = None  # tokenized on arrival (deep queue), else by the worker that runs it
 
 
 SPLIT_MIN_ROWS = 8  # a request of at least twice this many rows is split across the model workers
@@ -152,6 +162,8 @@ class Batcher:
         shares = max(1, min(len(self.models), len(texts) // SPLIT_MIN_ROWS))
         bounds = [len(texts) * k // shares for k in range(shares + 1)]
         jobs = [Job(texts[a:b], truncate, loop.create_future(), part=shares > 1) for a, b in itertools.pairwise(bounds)]
+        if len(texts) == 1 and 0 < self.limits.merge_depth <= self.pending_rows:
+            jobs[0].encodings = self.models[0].encode(texts)  # so a worker can find it rows of its length
         with self.cond:
             if self.pending_rows + len(texts) > self.limits.max_queue:
                 raise ApiError(429, f"queue full ({self.pending_rows} rows waiting, limit {self.limits.max_queue}); retry shortly",
@@ -160,17 +172,22 @@ class Batcher:
             self.jobs.extend(jobs)
             self.cond.notify_all()
             self.metrics.queue_rows.set(self.pending_rows)
+        # A timer answers 504 rather than asyncio.wait_for: no task or shield per request on the event loop.
+        timer = loop.call_later(self.limits.request_timeout_s, _expire, jobs, self.limits.request_timeout_s)
         try:
-            results = await asyncio.wait_for(asyncio.gather(*(asyncio.shield(j.future) for j in jobs), return_exceptions=True),
-                                             self.limits.request_timeout_s)
-        except TimeoutError:
+            if len(jobs) == 1:
+                return await jobs[0].future
+            results = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+        except asyncio.CancelledError:  # the client went away: workers skip what they have not run yet
             for job in jobs:
-                job.cancelled = True  # a worker skips those that have not run yet
-            raise ApiError(504, f"no answer within {self.limits.request_timeout_s:g}s", "Timeout") from None
+                job.cancelled = True
+            raise
+        finally:
+            timer.cancel()
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
             raise failed
-        return results[0] if len(results) == 1 else np.concatenate(results)
+        return np.concatenate(results)
 
     def _collect(self) -> list[Job] | None:
         """Worker thread: the next batch (None when the server stops). With --max-batch-size above 1, waits up
@@ -183,7 +200,9 @@ class Batcher:
             if self.stopping:
                 return None
             jobs = [self.jobs.popleft()]
-            rows = len(jobs[0].texts)
+            if jobs[0].encodings is not None:
+                jobs += self._same_length(jobs[0])
+            rows = sum(len(j.texts) for j in jobs)
             deadline = time.monotonic() + self.limits.max_wait_ms / 1000
             while not jobs[0].part and rows < self.limits.max_batch_size:
                 if not self.jobs:
@@ -200,6 +219,20 @@ class Batcher:
             self.pending_rows -= sum(len(j.texts) for j in jobs)
             self.metrics.queue_rows.set(self.pending_rows)
         return jobs
+
+    def _same_length(self, head: Job) -> list[Job]:
+        """Waiting single texts, tokenized on arrival, of exactly `head`'s token length (up to merge_rows - 1 of
+        them, first come first): taken out of the queue to run in one batch with it (called holding the lock)."""
+        assert head.encodings is not None
+        width, found = len(head.encodings[0]), []
+        for job in itertools.islice(self.jobs, 4 * self.limits.merge_depth):  # bounded time under the lock
+            if len(found) + 1 >= self.limits.merge_rows:
+                break
+            if job.encodings is not None and len(job.encodings[0]) == width and not job.cancelled:
+                found.append(job)
+        for job in found:
+            self.jobs.remove(job)
+        return found
 
     def _share(self, jobs: list[Job], rows: int) -> list[Job]:
         """With workers idle, keep an even share of the collected rows and queue the rest again for them, first
@@ -242,18 +275,22 @@ class Batcher:
         """Worker thread: tokenize every row, run length-sorted sub-batches under the token budget, and answer
         each request as soon as its own rows are done (not when the whole batch is)."""
         texts = [t for j in jobs for t in j.texts]
-        encs = clf.encode(texts)
+        todo = [j for j in jobs if j.encodings is None]
+        fresh = iter(clf.encode([t for j in todo for t in j.texts]) if todo else [])
+        for job in todo:
+            job.encodings = [next(fresh) for _ in job.texts]
+        encs = [e for j in jobs for e in j.encodings or ()]
         owner = [k for k, j in enumerate(jobs) for _ in j.texts]
         start = list(itertools.accumulate((len(j.texts) for j in jobs), initial=0))
         left = [len(j.texts) for j in jobs]  # rows not yet run, per job
         for k, job in enumerate(jobs):
-            if any(encs[i].overflowing for i in range(start[k], start[k + 1])) and not job.truncate:
+            if not job.truncate and any(encs[i].overflowing for i in range(start[k], start[k + 1])):
                 left[k] = -1
                 message = f"an input is longer than the model's {clf.max_length} tokens and truncate is false"
                 self._answer(job, ApiError(413, message, "Validation"))
-        order = sorted((i for i in range(len(texts)) if left[owner[i]] >= 0), key=lambda i: len(encs[i].ids))
+        order = sorted((i for i in range(len(texts)) if left[owner[i]] >= 0), key=lambda i: len(encs[i]))
         logits = np.zeros((len(texts), len(clf.labels)), dtype=np.float32)
-        widths = [len(encs[i].ids) for i in order]
+        widths = [len(encs[i]) for i in order]
         # One request's own rows batch up to the usual batch size: sorted, they pad little.
         rows_per_run = max(self.limits.max_batch_size, DEFAULT_BATCH_SIZE)
         for a, b in length_batches(widths, rows_per_run, self.limits.max_batch_tokens, self.limits.max_padding):
@@ -279,6 +316,14 @@ def _lower_priority(increment: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + increment, 19))
     except OSError as e:
         log.warning("model worker keeps the server's priority: %s", e)
+
+
+def _expire(jobs: list[Job], timeout_s: float) -> None:
+    """Event loop: a request's time is up: 504, and workers skip its rows if they have not run them yet."""
+    for job in jobs:
+        job.cancelled = True
+        if not job.future.done():
+            job.future.set_exception(ApiError(504, f"no answer within {timeout_s:g}s", "Timeout"))
 
 
 def _settle(future: asyncio.Future[Any], result: np.ndarray | ApiError) -> None:
@@ -368,14 +413,16 @@ def scores(logits: np.ndarray, task: Task, raw: bool, top_k: int | None) -> list
 
 
 class AccessLog:
-    """Timing header, metrics and one log line per request, as plain ASGI middleware.
+    """The server's front door, as plain ASGI around the FastAPI app: timing header, metrics and one log line
+    per request, and `/predict` served directly (the FastAPI app serves everything else).
 
-    Starlette's `@app.middleware("http")` runs every request through an extra task and a response stream:
-    per-request work that a 2-core machine takes from the model.
+    Per request, Starlette's `@app.middleware("http")` adds a task and a response stream, and FastAPI's routing,
+    dependency solving and middleware stack cost the event loop about as much as the predict handler itself:
+    work that a 2-core machine takes from the model (benchmarks/serve_http.py, event-loop CPU per request).
     """
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Any, metrics: Metrics, predict: Any) -> None:
+        self.app, self.metrics, self.predict = app, metrics, predict
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -394,18 +441,46 @@ class AccessLog:
             await send(message)
 
         try:
-            await self.app(scope, receive, timed_send)
+            await (self.predict if scope["path"] == "/predict" else self.app)(scope, receive, timed_send)
         except Exception:
             log.exception("unhandled error")
             if status == 0:  # nothing sent yet: the client still gets a JSON answer
-                await JSONResponse({"error": "internal error", "error_type": "Backend"}, status_code=500)(scope, receive, timed_send)
+                await send_json(timed_send, 500, {"error": "internal error", "error_type": "Backend"})
             else:
                 status = 500
         ms = 1000 * (time.perf_counter() - t0)
         path = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
+        status = status or 499  # the client closed the connection before its answer (nginx's code for it)
         self.metrics.requests.labels(path, str(status)).inc()
         self.metrics.latency.labels(path).observe(ms / 1000)
         log.info("%s %s %d rows=%d %.1fms", scope["method"], scope["path"], status, state.get("rows", 0), ms)
+
+
+async def send_json(send: Any, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+    """One JSON response, encoded as Starlette's JSONResponse does."""
+    body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    head += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(scope: dict[str, Any], receive: Any, limit: int) -> bytes | None:
+    """A request's body (None if the client went away meanwhile); 413 past `limit` bytes (by its content-length
+    header, or as it arrives)."""
+    size = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+    if size is not None and size.isdigit() and int(size) > limit:
+        raise ApiError(413, f"payload of {size.decode()} bytes; the limit is {limit}", "Validation")
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise ApiError(413, f"payload over {limit} bytes", "Validation")
+        if not message.get("more_body"):
+            return bytes(body)
 
 
 def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: bool = False,
@@ -433,32 +508,42 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
 
     app = FastAPI(title="loraship serve_cli", version=_version(), lifespan=lifespan)
 
-    app.add_middleware(AccessLog, metrics=metrics)
+    async def predict(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """POST /predict (TEI's shapes), as plain ASGI: the front door calls it without FastAPI's layers."""
+        try:
+            if scope["method"] != "POST":
+                raise ApiError(405, "use POST /predict", "Validation", {"Allow": "POST"})
+            body = await read_body(scope, receive, limits.payload_limit)
+            if body is None:
+                return  # nobody to answer
+            texts, single, raw, truncate, top_k = parse_predict(body, limits, clf.task.pair)
+            scope["state"]["rows"] = len(texts)
+            if log_texts:
+                log.info("texts: %s", json.dumps(texts, ensure_ascii=False)[:2000])
+            if not state["ready"]:
+                raise ApiError(503, "model is loading", "Unhealthy")
+            logits = await state["batcher"].submit(texts, truncate)
+            result = scores(logits, clf.task, raw, top_k)
+        except ApiError as e:
+            await send_json(send, e.status, {"error": e.message, "error_type": e.error_type}, e.headers)
+            return
+        await send_json(send, 200, result[0] if single else result)
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.message, "error_type": exc.error_type}, status_code=exc.status, headers=exc.headers)
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema of its own routes, and /predict's (served by the front door, not a FastAPI route)."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
 
-    @app.post("/predict", summary="TEI-compatible sequence classification", openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": PREDICT_SCHEMA}}}})
-    async def predict(request: Request) -> JSONResponse:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limits.payload_limit:
-            raise ApiError(413, f"payload of {size} bytes; the limit is {limits.payload_limit}", "Validation")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.payload_limit:
-                raise ApiError(413, f"payload over {limits.payload_limit} bytes", "Validation")
-        texts, single, raw, truncate, top_k = parse_predict(bytes(body), limits, clf.task.pair)
-        request.state.rows = len(texts)
-        if log_texts:
-            log.info("texts: %s", json.dumps(texts, ensure_ascii=False)[:2000])
-        if not state["ready"]:
-            raise ApiError(503, "model is loading", "Unhealthy")
-        logits = await state["batcher"].submit(texts, truncate)
-        result = scores(logits, clf.task, raw, top_k)
-        return JSONResponse(result[0] if single else result)
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema["paths"]["/predict"] = {"post": {
+                "summary": "TEI-compatible sequence classification",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": PREDICT_SCHEMA}}},
+                "responses": {"200": {"description": "per input, every label with its score, best first"},
+                              **{str(code): {"description": text} for code, text in PREDICT_ERRORS.items()}}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -494,7 +579,7 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
     async def page() -> str:
         return PAGE
 
-    return app
+    return AccessLog(app, metrics, predict)
 
 
 PREDICT_SCHEMA = {
@@ -511,6 +596,9 @@ PREDICT_SCHEMA = {
     },
     "example": {"inputs": "Stocks rally as oil prices fall"},
 }
+
+PREDICT_ERRORS = {413: "payload, batch or (with truncate false) an input too large", 422: "invalid input",
+                  429: "queue full (Retry-After)", 503: "model loading", 504: "no answer within the request timeout"}
 
 _KNOWN_PATHS = {"/predict", "/health", "/ready", "/info", "/metrics", "/"}
 
@@ -548,6 +636,8 @@ def serve(model: str, variant: str | None, host: str, port: int, threads: int, w
     workers, per_worker = worker_threads(threads, workers)
     models = [OnnxClassifier(model, variant=variant, threads=per_worker, spin=False) for _ in range(workers)]
     app = create_app(models[0], limits, log_texts, more_workers=models[1:])
-    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level=log_level, timeout_graceful_shutdown=60)
+    # proxy_headers off: nothing here reads the client's address, so X-Forwarded-* need no parsing per request.
+    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level=log_level, timeout_graceful_shutdown=60,
+                            proxy_headers=False)
     Server(config).run()
     return 0

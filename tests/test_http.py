@@ -90,7 +90,12 @@ def test_endpoints(fp32_server: Server, exported: Path) -> None:
     assert info["max_length"] == 32 and info["limits"]["max_client_batch_size"] == 256 and info["version"]
     assert info["limits"]["max_batch_size"] == 1 and info["workers"] * info["threads_per_worker"] >= 1
     assert info["model"] == exported.name and str(exported.parent) not in json.dumps(info), "no server paths in /info"
-    assert httpx.get(f"{url}/docs").status_code == 200 and "/predict" in httpx.get(f"{url}/openapi.json").text
+    assert httpx.get(f"{url}/docs").status_code == 200
+    schema = httpx.get(f"{url}/openapi.json").json()["paths"]["/predict"]["post"]
+    assert "inputs" in schema["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    wrong = httpx.get(f"{url}/predict")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST" and wrong.json()["error_type"] == "Validation"
+    assert info["limits"]["merge_depth"] == 16 and info["limits"]["merge_rows"] == 4
     page = httpx.get(f"{url}/")
     assert page.status_code == 200 and 'id="top-label"' in page.text
     httpx.post(f"{url}/predict", json={"inputs": "game team"})
@@ -334,13 +339,13 @@ def test_warm_up_runs_every_worker_and_http_texts_get_the_file_character_cap(exp
     workers = [OnnxClassifier(exported, variant="fp32") for _ in range(3)]
     seen: dict[int, list[int]] = {id(w): [] for w in workers}
     for w in workers:
-        real = w.tokenizer.encode_batch
+        real = w.tokenizer.encode_batch_fast
 
         def spy(texts: list[str], _w=w, _real=real) -> list:
             seen[id(_w)].extend(len(t) for t in texts)
             return _real(texts)
 
-        w.tokenizer = type("Spy", (), {"encode_batch": staticmethod(spy)})()
+        w.tokenizer = type("Spy", (), {"encode_batch_fast": staticmethod(spy)})()
     with TestClient(http.create_app(workers[0], more_workers=workers[1:])) as client:
         assert all(seen[id(w)] for w in workers), "a worker was not warmed up"
         huge = "word " * 200_000
@@ -371,12 +376,17 @@ def test_the_default_variant_answers_a_text_the_same_alone_in_files_and_under_64
         sub = tmp_path / f"part{part}"
         sub.mkdir()
         shuffled[idx] = as_probs(predict_file(exported, [texts[i] for i in idx], "int8", sub))
-    server = Server(exported)
+    # --merge-depth 1: whenever a row waits, texts of one token length run together (in the default, only in
+    # deep queues): the answers must not change
+    server = Server(exported, "--merge-depth", "1")
     try:
         responses = asyncio.run(_concurrent(server.url, [[t] for t in texts], 64))
+        runs = {line.split()[0]: float(line.split()[1]) for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+                if line.startswith(("loraship_batch_rows_bucket{le=\"1.0\"}", "loraship_batch_rows_count"))}
     finally:
         server.stop()
     assert all(r.status_code == 200 for r in responses)
+    assert runs['loraship_batch_rows_bucket{le="1.0"}'] < runs["loraship_batch_rows_count"], runs  # some runs merged texts
     http = np.array([[{x["label"]: x["score"] for x in r.json()[0]}[n] for n in labels] for r in responses])
     for got in (one_file, shuffled, http):
         np.testing.assert_allclose(got, alone, atol=1e-6, rtol=0)
@@ -414,6 +424,63 @@ def test_a_large_request_is_shared_by_the_idle_workers(exported: Path) -> None:
     got = np.array([[{x["label"]: x["score"] for x in r}[n] for n in workers[0].labels] for r in body])
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert len(small) == 15
+
+
+def test_a_deep_queue_runs_the_head_request_with_waiting_texts_of_its_exact_token_length() -> None:
+    """With merge_depth rows waiting, single texts are tokenized on arrival; a worker takes the head of the queue
+    and, first come first, waiting single texts of exactly its length, up to merge_rows rows. Texts of another
+    length (padding would cost more than the batch saves), split shares and timed-out requests stay queued."""
+    import serve_cli.http as http
+
+    class Model:
+        def encode(self, texts: list[str]) -> list[list[int]]:
+            return [[0] * len(t.split()) for t in texts]  # an "encoding" as long as the text's words
+
+    loop = asyncio.new_event_loop()
+    batcher = http.Batcher([Model(), Model()], http.Limits(merge_depth=3, merge_rows=3), http.Metrics())  # type: ignore[list-item]
+    batcher.loop = loop
+    words = ["a b", "c d e", "f g", "h i", "j k", "l m"]  # 2, 3, 2, 2, 2, 2 words
+    tasks = [loop.create_task(batcher.submit([t], True)) for t in words]
+    tasks.append(loop.create_task(batcher.submit(["n o"] * 16, True)))  # two shares of one request: run alone
+    loop.run_until_complete(asyncio.sleep(0))  # every submit has queued its rows
+    queued = list(batcher.jobs)
+    assert [j.encodings is not None for j in queued[:6]] == [False, False, False, True, True, True]  # from 3 waiting on
+    assert not any(j.encodings for j in queued[6:])
+    queued[4].cancelled = True
+    # "a b" came before the queue was deep: it runs alone
+    assert [j.texts for j in batcher._collect() or []] == [["a b"]]
+    assert [j.texts for j in batcher._collect() or []] == [["c d e"]]
+    assert [j.texts for j in batcher._collect() or []] == [["f g"]]
+    # "h i" was tokenized on arrival: it takes "l m" (same length; "j k" timed out) and stops at merge_rows
+    assert [j.texts for j in batcher._collect() or []] == [["h i"], ["l m"]]
+    assert [j.texts for j in batcher.jobs] == [["j k"], ["n o"] * 8, ["n o"] * 8]
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.close()
+
+
+def test_a_request_not_answered_in_time_gets_504_and_its_rows_are_skipped() -> None:
+    """No worker answers (none runs here): the request gets 504 after its timeout, every share of it is marked
+    so a worker skips it, and a late answer is dropped without error."""
+    import serve_cli.http as http
+
+    async def scenario() -> tuple[list[http.Job], BaseException | None]:
+        batcher = http.Batcher([object(), object()], http.Limits(request_timeout_s=0.05), http.Metrics())  # type: ignore[list-item]
+        batcher.loop = asyncio.get_running_loop()
+        try:
+            await batcher.submit(["a"] * 16, True)  # two shares
+        except http.ApiError as e:
+            error: BaseException | None = e
+        else:
+            error = None
+        jobs = list(batcher.jobs)
+        http._settle(jobs[0].future, np.zeros((8, 2), dtype=np.float32))  # a worker answering too late
+        return jobs, error
+
+    jobs, error = asyncio.run(scenario())
+    assert isinstance(error, http.ApiError) and error.status == 504 and error.error_type == "Timeout"
+    assert len(jobs) == 2 and all(j.cancelled for j in jobs)
 
 
 def test_a_worker_hands_requests_beyond_its_share_to_idle_workers() -> None:
