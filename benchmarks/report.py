@@ -366,6 +366,9 @@ def serving_headline(inference: dict[str, Any] | None) -> list[str]:
                     f"{sm['ours_single_c64_vs_predict']:.2f}x / {sm['ours_vs_naive_single_c64']:.1f}x | {h['machine']['cpu']} |")
         rows.append(f"| HTTP single texts, 8 clients: p99 / p50 latency | {sm['ours_p99_over_p50_single_c8']:.2f} "
                     f"({sm['ours_p99_ms_single_c8']:.1f} ms) | {h['machine']['cpu']} |")
+        if "ours_32_texts_c1_vs_predict" in sm:
+            rows.append(f"| HTTP one 32-text request, 1 client: rows/s vs `serve_cli predict` | "
+                        f"{sm['ours_32_texts_c1_vs_predict']:.2f}x | {h['machine']['cpu']} |")
     if inference and "cold_start_seconds" in inference:
         rows.append(f"| cold start, `serve_cli predict` on 10 rows | {inference['cold_start_seconds']:.2f} s | {inference['machine']['cpu']} |")
     return rows
