@@ -91,7 +91,7 @@ class ApiError(Exception):
         self.status, self.message, self.error_type, self.headers = status, message, error_type, headers or {}
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: taking one out of the queue must not find an equal-looking other
 class Job:
     texts: list[Any]
     truncate: bool

@@ -439,21 +439,23 @@ def test_a_deep_queue_runs_the_head_request_with_waiting_texts_of_its_exact_toke
     loop = asyncio.new_event_loop()
     batcher = http.Batcher([Model(), Model()], http.Limits(merge_depth=3, merge_rows=3), http.Metrics())  # type: ignore[list-item]
     batcher.loop = loop
-    words = ["a b", "c d e", "f g", "h i", "j k", "l m"]  # 2, 3, 2, 2, 2, 2 words
+    words = ["a b", "c d e", "f g", "h i", "j k", "l m", "l m"]  # 2, 3, 2, 2, 2, 2, 2 words
     tasks = [loop.create_task(batcher.submit([t], True)) for t in words]
     tasks.append(loop.create_task(batcher.submit(["n o"] * 16, True)))  # two shares of one request: run alone
     loop.run_until_complete(asyncio.sleep(0))  # every submit has queued its rows
     queued = list(batcher.jobs)
-    assert [j.encodings is not None for j in queued[:6]] == [False, False, False, True, True, True]  # from 3 waiting on
-    assert not any(j.encodings for j in queued[6:])
+    assert [j.encodings is not None for j in queued[:7]] == [False, False, False, True, True, True, True]  # from 3 waiting on
+    assert not any(j.encodings for j in queued[7:])
     queued[4].cancelled = True
     # "a b" came before the queue was deep: it runs alone
     assert [j.texts for j in batcher._collect() or []] == [["a b"]]
     assert [j.texts for j in batcher._collect() or []] == [["c d e"]]
     assert [j.texts for j in batcher._collect() or []] == [["f g"]]
-    # "h i" was tokenized on arrival: it takes "l m" (same length; "j k" timed out) and stops at merge_rows
-    assert [j.texts for j in batcher._collect() or []] == [["h i"], ["l m"]]
+    # "h i" was tokenized on arrival: it takes both "l m" (same length; "j k" timed out), each request itself
+    head, *taken = batcher._collect() or []
+    assert head.texts == ["h i"] and taken == queued[5:7] and taken[0] is not taken[1]
     assert [j.texts for j in batcher.jobs] == [["j k"], ["n o"] * 8, ["n o"] * 8]
+    assert batcher.jobs[0] is queued[4]
     for task in tasks:
         task.cancel()
     loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
