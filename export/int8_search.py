@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from export.common import INT8_FILE, weight_layers
-from export.smooth import SMOOTH_ALPHA, session_with_outputs, smooth_model
+from export.smooth import SMOOTH_ALPHA, exposed_runs, smooth_model
 from loraship.task import Task
 
 
@@ -102,7 +102,7 @@ def quantizable(model_path: Path, exclude: list[str]) -> list[str]:
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     weights = {i.name for i in graph.initializer}
-    layers = [n.name for n in matmul_nodes(model_path) if n.name not in exclude]
+    layers = [n.name for n in weight_layers(graph, QUANTIZED_OPS) if n.name not in exclude]
     # The dynamic quantizer first rewrites a Gemm into "<name>_MatMul" + Add: name both.
     names = [x for name in layers for x in (name, f"{name}_MatMul")]
     return names + [n.name for n in graph.node if n.op_type == "Gather" and n.input[0] in weights]
@@ -112,11 +112,8 @@ def sensitivity(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarr
     """(MatMul node name, added relative error), most sensitive first."""
     nodes = matmul_nodes(fp32_path)
     names = sorted({t for n in nodes for t in (n.input[0], n.output[0])})
-    ref_sess, q_sess = session_with_outputs(fp32_path, names), session_with_outputs(int8_path, names)
-    err = {name: [] for name in names}
-    for feed in feeds:
-        ref = dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, feed), strict=True))
-        got = dict(zip([o.name for o in q_sess.get_outputs()], q_sess.run(None, feed), strict=True))
+    err: dict[str, list[float]] = {name: [] for name in names}
+    for (_, ref), (_, got) in zip(exposed_runs(fp32_path, names, feeds), exposed_runs(int8_path, names, feeds), strict=True):
         for name in names:
             if name in ref and name in got:
                 a, b = ref[name].astype(np.float64), got[name].astype(np.float64)

@@ -412,7 +412,7 @@ def scores(logits: np.ndarray, task: Task, raw: bool, top_k: int | None) -> list
     return out
 
 
-class AccessLog:
+class FrontDoor:
     """The server's front door, as plain ASGI around the FastAPI app: timing header, metrics and one log line
     per request, and `/predict` served directly (the FastAPI app serves everything else).
 
@@ -579,7 +579,7 @@ def create_app(clf: OnnxClassifier, limits: Limits | None = None, log_texts: boo
     async def page() -> str:
         return PAGE
 
-    return AccessLog(app, metrics, predict)
+    return FrontDoor(app, metrics, predict)
 
 
 PREDICT_SCHEMA = {
